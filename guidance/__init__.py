@@ -1,0 +1,1 @@
+"""Stage 2 of MAGE: value-model guidance and the decoding loop that applies it."""

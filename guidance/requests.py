@@ -1,0 +1,91 @@
+"""What flows between the HTTP layer and the engine: frozen requests in, events out."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings, applied after guidance."""
+
+    temperature: float | None = None
+    """None or 0 means greedy (the paper's choice)."""
+    top_k: int | None = None
+    """Keep the k best tokens when sampling."""
+    top_p: float | None = None
+    """Keep the smallest set of tokens with this much probability when sampling."""
+    seed: int | None = None
+    """Seed of the request's own random generator; None picks one."""
+
+    @property
+    def greedy(self) -> bool:
+        return not self.temperature
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One validated generation request."""
+
+    request_id: str
+    """Unique id, for logs."""
+    prompt_ids: tuple[int, ...]
+    """Tokenised prompt (chat template already applied)."""
+    preference: torch.Tensor
+    """mu on the simplex, float64 (n,)."""
+    mode: str
+    """Guidance mode (see model_store.manifest.GUIDANCE_MODES)."""
+    gamma: float
+    """Guidance scale of Eq. (25)."""
+    sampling: SamplingParams
+    """Sampling settings."""
+    max_new_tokens: int
+    """Generation limit."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences; the output ends after the first one appears (kept in the text)."""
+    deadline: float | None = None
+    """time.monotonic() after which the request is abandoned."""
+    merge_method: str = "bone-soup"
+    """How the policy's backbone coefficients come from mu (merging.registry)."""
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token; the last one also carries the final text and details."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
+    generated_text: str | None = None
+    details: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """Generation failed or was abandoned; ends the stream."""
+
+    message: str
+    error_type: str
+
+
+Event = TokenEvent | ErrorEvent
+
+
+@dataclass
+class RequestHandle:
+    """The caller's side of a running request."""
+
+    request: GenerationRequest
+    on_event: Callable[[Event], None]
+    submitted_at: float
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Stop generating at the next decode step and free the slot."""
+        self.cancelled.set()

@@ -1,0 +1,63 @@
+"""A flat registry of the merging methods the server and evaluation can use.
+
+Each method maps a preference mu (on the simplex) to the per-adapter coefficients c with
+which LoRA deltas are summed exactly: Delta = sum_i c_i B_i A_i scale_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from merging.coefficients import bone_soup_coefficients, solve_lambda
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One way of turning a preference into merge coefficients."""
+
+    name: str
+    """Registry key."""
+    reference: str
+    """Where the method comes from."""
+    coefficients: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    """(B, mu, alpha) -> per-adapter coefficients, float64 of shape (n,)."""
+
+
+def _direct(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
+    return mu.double().clone()
+
+
+def _rewarded_soup(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
+    # Rewarded Soup merges the specialists with lambda = mu; it is Bone Soup with B = I.
+    return solve_lambda(torch.eye(len(mu), dtype=torch.float64), mu)
+
+
+MERGE_METHODS: dict[str, MergeMethod] = {
+    method.name: method
+    for method in (
+        MergeMethod(
+            "bone-soup",
+            "MAGE Sec. 3.3.5, lambda = B^-1 mu, then Eq. (13) extrapolation by alpha",
+            bone_soup_coefficients,
+        ),
+        MergeMethod(
+            "rewarded-soup", "Rame et al. 2023; MAGE Eq. (1) with lambda = mu", _rewarded_soup
+        ),
+        MergeMethod(
+            "direct",
+            "MAGE Sec. 5.6.3 'aba' ablation / Eq. (24): weights merged with lambda = mu",
+            _direct,
+        ),
+    )
+}
+
+
+def get_merge_method(name: str) -> MergeMethod:
+    """Look up a merging method by name, with a message listing the known ones."""
+    try:
+        return MERGE_METHODS[name]
+    except KeyError:
+        raise KeyError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}") from None

@@ -1,0 +1,136 @@
+"""Load a checked store once onto the serving device: one base, every adapter, every head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from guidance.value_head import ValueHead, load_value_head
+from model_store.adapters import LoraAdapter, load_lora_adapter
+from model_store.errors import StoreError
+from model_store.multi_lora import RowCoefficients, wrap_linear_layers
+from model_store.validate import CheckedStore, check_store, resolve
+
+
+@dataclass(frozen=True)
+class LoadedStore:
+    """Everything the engine needs, resident on one device.
+
+    Adapter slots: 0..n-1 are the backbones (objective order of B's columns); n..2n-1 are
+    the explicit value adapters in objective order, when the value models are LoRA.
+    """
+
+    checked: CheckedStore
+    """The statically checked store (manifest, B, paths)."""
+    model: PreTrainedModel
+    """The one base model, its targeted linears wrapped by MultiLoraLinear."""
+    tokenizer: object
+    """The base tokenizer."""
+    coefficients: RowCoefficients
+    """Per-row adapter coefficients read by every wrapped layer."""
+    value_kind: str | None
+    """'lora', 'standalone' or None when the store has no explicit value models."""
+    value_heads: tuple[ValueHead, ...]
+    """Explicit value heads in objective order."""
+    standalone_values: tuple[PreTrainedModel, ...]
+    """Standalone value models in objective order (empty for 'lora')."""
+    device: torch.device
+    """Where everything lives."""
+    dtype: torch.dtype
+    """Model dtype."""
+
+    @property
+    def objectives(self) -> list[str]:
+        return list(self.checked.manifest.objectives)
+
+    @property
+    def n_objectives(self) -> int:
+        return len(self.checked.manifest.objectives)
+
+    @property
+    def value_slots(self) -> list[int]:
+        n = self.n_objectives
+        return list(range(n, 2 * n)) if self.value_kind == "lora" else []
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """Safetensors only, local only, no remote code."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=True,
+            trust_remote_code=False,
+        )
+    except (OSError, ValueError) as exc:
+        raise StoreError(path, f"cannot load model: {exc}") from None
+    return model.to(device).eval()
+
+
+def _install_adapters(model: PreTrainedModel, adapters: list[LoraAdapter]) -> RowCoefficients:
+    coefficients = RowCoefficients()
+    targets = {module for adapter in adapters for module in adapter.modules}
+    wrapped = wrap_linear_layers(model, targets, coefficients)
+    for slot, adapter in enumerate(adapters):
+        for module, factors in adapter.modules.items():
+            wrapped[module].add_adapter(slot, factors)
+    return coefficients
+
+
+def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> LoadedStore:
+    checked = check_store(path)
+    manifest, root = checked.manifest, checked.root
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device)
+    model = load_causal_lm(checked.base_path, torch_device, torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(checked.base_path), local_files_only=True)
+
+    def adapter(spec_path: str, name: str) -> LoraAdapter:
+        loaded = load_lora_adapter(resolve(root, spec_path), name, torch_dtype)
+        for factors in loaded.modules.values():
+            object.__setattr__(factors, "lora_a", factors.lora_a.to(torch_device))
+            object.__setattr__(factors, "lora_b", factors.lora_b.to(torch_device))
+        return loaded
+
+    adapters = [adapter(b.path, b.name) for b in manifest.backbones]
+    by_objective = {spec.objective: spec for spec in manifest.guidance.explicit}
+    specs = [by_objective[name] for name in manifest.objectives] if by_objective else []
+    value_kind = specs[0].kind if specs else None
+    standalone: list[PreTrainedModel] = []
+    if value_kind == "lora":
+        adapters += [adapter(spec.path, f"value:{spec.objective}") for spec in specs]
+    elif value_kind == "standalone":
+        standalone = [
+            load_causal_lm(resolve(root, s.path), torch_device, torch_dtype) for s in specs
+        ]
+    heads = tuple(
+        load_value_head(resolve(root, s.head)).to(torch_device, torch_dtype) for s in specs
+    )
+    coefficients = _install_adapters(model, adapters)
+    return LoadedStore(
+        checked,
+        model,
+        tokenizer,
+        coefficients,
+        value_kind,
+        heads,
+        tuple(standalone),
+        torch_device,
+        torch_dtype,
+    )

@@ -1,0 +1,95 @@
+"""The store manifest (`mage_store.json`): pydantic at the edge, documented field by field."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "mage_store.json"
+
+GuidanceMode = Literal["none", "explicit", "explicit-ensemble", "implicit", "implicit-ensemble"]
+GUIDANCE_MODES: tuple[str, ...] = (
+    "none",
+    "explicit",
+    "explicit-ensemble",
+    "implicit",
+    "implicit-ensemble",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseModelSpec(_Strict):
+    path: str
+    """Hugging Face model folder (config.json, *.safetensors, tokenizer): the SFT model,
+    which is also pi_ref. Relative to the store folder, or absolute."""
+
+
+class BackboneSpec(_Strict):
+    name: str
+    """Backbone name, used in logs and `mage store inspect`."""
+    path: str
+    """PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    weights: list[float]
+    """w_i: the reward-combination weights this backbone was trained with (Eq. 11); the
+    columns of B (Eq. 12). One-hot weights make a Rewarded-Soup specialist."""
+
+
+class ExplicitValueSpec(_Strict):
+    objective: str
+    """The objective this value model predicts the final reward of (Eq. 16)."""
+    kind: Literal["lora", "standalone"] = "lora"
+    """`lora`: a LoRA adapter over the store's base (fast path: shares the base forward);
+    `standalone`: a separate Hugging Face causal-LM folder with the same tokenizer."""
+    path: str
+    """Adapter folder (`lora`) or model folder (`standalone`)."""
+    head: str
+    """Value head safetensors file: one value per vocabulary token (Sec. 3.4.1)."""
+
+
+class GuidanceSpec(_Strict):
+    explicit: list[ExplicitValueSpec] = Field(default_factory=list)
+    """Explicit value models, one per objective, or empty."""
+    implicit: bool = True
+    """Offer implicit guidance (Eq. 23): backbones as pi*, base as pi_ref."""
+
+
+class DefaultsSpec(_Strict):
+    guidance_mode: GuidanceMode = "none"
+    """Guidance mode used when a request names none."""
+    gamma: float = 1.0
+    """Guidance scale gamma of Eq. (25) when a request names none."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """Tokens to generate when a request names no limit."""
+    temperature: float | None = None
+    """None means greedy decoding (the paper's choice); > 0 samples."""
+    top_p: float | None = None
+    """Nucleus sampling threshold when sampling."""
+    top_k: int | None = None
+    """Top-k filter when sampling."""
+
+
+class StoreManifest(_Strict):
+    format_version: Literal[1] = 1
+    """Manifest format version."""
+    name: str = "mage-store"
+    """Human-readable store name, reported by /info."""
+    objectives: list[str] = Field(min_length=1)
+    """Objective names, in the order preferences and B use."""
+    base: BaseModelSpec
+    """The SFT base model."""
+    backbones: list[BackboneSpec] = Field(min_length=1)
+    """n backbone adapters, one per objective (Sec. 3.3.4)."""
+    alpha: float = Field(default=0.0, ge=0.0)
+    """Extrapolation alpha of Eq. (13); 0 disables it."""
+    beta: float | None = None
+    """The circulant's beta, if B was built by Eq. (12); informational."""
+    guidance: GuidanceSpec = Field(default_factory=GuidanceSpec)
+    """Value models available for Stage 2."""
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    """Per-request defaults."""
+    checksums: dict[str, str] = Field(default_factory=dict)
+    """sha256 (hex) of every weight file inside the store folder, by relative path."""

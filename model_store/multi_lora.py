@@ -1,0 +1,86 @@
+"""Serve many LoRA adapters over one copy of the base weights, with per-row coefficients.
+
+Every targeted nn.Linear of the base model is wrapped by MultiLoraLinear. Before each
+forward the engine sets, in the shared RowCoefficients, a (rows, adapters) matrix: row b
+then computes with the weight W + sum_k C[b, k] * Delta_k. A Bone Soup policy, a merged
+value model, and the reference model are therefore just different coefficient rows of one
+batched forward (the base weights are never copied or modified).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from merging.lora import LoraFactors, apply_row_lora
+
+
+class RowCoefficients:
+    """Mutable holder the engine fills before each forward; read by every wrapped layer."""
+
+    def __init__(self) -> None:
+        self.matrix: torch.Tensor | None = None  # (rows, adapters)
+        self.active: list[int] = []  # adapters with a non-zero coefficient in some row
+
+    def set(self, matrix: torch.Tensor | None) -> None:
+        self.matrix = matrix
+        if matrix is None:
+            self.active = []
+        else:
+            self.active = [int(k) for k in torch.nonzero(matrix.abs().sum(0)).flatten()]
+
+
+class MultiLoraLinear(nn.Module):
+    """nn.Linear plus any number of LoRA adapters applied with per-row coefficients."""
+
+    def __init__(self, base: nn.Linear, coefficients: RowCoefficients) -> None:
+        super().__init__()
+        self.base = base
+        self.coefficients = coefficients
+        self.adapters: dict[int, LoraFactors] = {}
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def add_adapter(self, index: int, factors: LoraFactors) -> None:
+        self.adapters[index] = factors
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        matrix = self.coefficients.matrix
+        if matrix is None:
+            return out
+        for index in self.coefficients.active:
+            factors = self.adapters.get(index)
+            if factors is not None:
+                out = out + apply_row_lora(x, factors, matrix[:, index])
+        return out
+
+
+def wrap_linear_layers(
+    model: nn.Module, module_names: set[str], coefficients: RowCoefficients
+) -> dict[str, MultiLoraLinear]:
+    """Replace the named nn.Linear modules by MultiLoraLinear wrappers (in place)."""
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name in sorted(module_names):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        module = getattr(parent, child)
+        if isinstance(module, MultiLoraLinear):
+            wrapped[name] = module
+            continue
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, LoRA needs nn.Linear")
+        wrapper = MultiLoraLinear(module, coefficients)
+        setattr(parent, child, wrapper)
+        wrapped[name] = wrapper
+    return wrapped

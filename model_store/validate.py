@@ -1,0 +1,190 @@
+"""Static checks of a store, cheap enough for `mage store validate` and start-up.
+
+Nothing here loads model weights: shapes come from safetensors headers, so a store can be
+checked in a second. Every failure is a StoreError naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from safetensors import safe_open
+
+from merging.coefficients import check_combination_matrix
+from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
+from model_store.errors import StoreError
+from model_store.manifest import MANIFEST_NAME, StoreManifest
+
+
+@dataclass(frozen=True)
+class CheckedStore:
+    """A store whose manifest, files, checksums and shapes passed every static check."""
+
+    root: Path
+    """Store folder."""
+    manifest: StoreManifest
+    """Parsed manifest."""
+    base_path: Path
+    """Resolved base model folder."""
+    combination_matrix: torch.Tensor
+    """B (n, n), float64; column i = w_i of backbone i (Eq. 12)."""
+    vocab_size: int
+    """Base model vocabulary size (logit width)."""
+
+
+def resolve(root: Path, relative: str) -> Path:
+    path = Path(relative)
+    return path if path.is_absolute() else root / path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(root: Path) -> StoreManifest:
+    path = root / MANIFEST_NAME
+    if not root.is_dir():
+        raise StoreError(root, "store folder does not exist")
+    if not path.is_file():
+        raise StoreError(path, "missing store manifest")
+    try:
+        return StoreManifest.model_validate_json(path.read_text())
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise StoreError(path, f"invalid manifest: {problems}") from None
+
+
+def verify_checksums(root: Path, manifest: StoreManifest) -> None:
+    """Every *.safetensors file inside the store must be listed and match its sha256."""
+    listed = manifest.checksums
+    for weight_file in sorted(root.rglob("*.safetensors")):
+        relative = weight_file.relative_to(root).as_posix()
+        if relative not in listed:
+            raise StoreError(weight_file, "weight file has no sha256 in the manifest's checksums")
+    for relative, expected in listed.items():
+        path = root / relative
+        if not path.is_file():
+            raise StoreError(path, "listed in checksums but missing")
+        actual = sha256_file(path)
+        if actual != expected.lower():
+            raise StoreError(path, f"checksum mismatch: expected {expected}, got {actual}")
+
+
+def base_weight_shapes(base_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape for every tensor of the base model, from safetensors headers."""
+    files = sorted(base_path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in base_path.glob("*.bin"))
+        hint = f" (found {pickles}: pickle weights are never loaded)" if pickles else ""
+        raise StoreError(base_path, f"base model folder has no *.safetensors weights{hint}")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def read_vocab_size(model_path: Path) -> int:
+    config_path = model_path / "config.json"
+    if not config_path.is_file():
+        raise StoreError(config_path, "missing model config")
+    config = json.loads(config_path.read_text())
+    config = config.get("text_config", config)
+    if "vocab_size" not in config:
+        raise StoreError(config_path, "config has no vocab_size")
+    return int(config["vocab_size"])
+
+
+def check_adapter_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]]) -> None:
+    """An adapter shaped for another base fails here, naming its file and module."""
+    weights = adapter.path / ADAPTER_WEIGHTS
+    for module, factors in adapter.modules.items():
+        base_shape = shapes.get(f"{module}.weight")
+        if base_shape is None:
+            raise StoreError(weights, f"targets {module}, which the base model does not have")
+        lora_shape = (factors.lora_b.shape[0], factors.lora_a.shape[1])
+        if tuple(base_shape) != lora_shape:
+            raise StoreError(
+                weights,
+                f"{module}: adapter is for a weight of shape {lora_shape}, "
+                f"the base's is {tuple(base_shape)} (adapter for another base?)",
+            )
+
+
+def check_objectives(manifest: StoreManifest, manifest_path: Path) -> torch.Tensor:
+    n = len(manifest.objectives)
+    if len(set(manifest.objectives)) != n:
+        raise StoreError(manifest_path, f"objective names repeat: {manifest.objectives}")
+    if len(manifest.backbones) != n:
+        raise StoreError(manifest_path, f"{n} objectives but {len(manifest.backbones)} backbones")
+    for backbone in manifest.backbones:
+        if len(backbone.weights) != n:
+            raise StoreError(
+                manifest_path,
+                f"backbone {backbone.name!r} has "
+                f"{len(backbone.weights)} weights for {n} objectives",
+            )
+    matrix = torch.tensor([b.weights for b in manifest.backbones], dtype=torch.float64).T
+    try:
+        check_combination_matrix(matrix)
+    except ValueError as exc:
+        raise StoreError(manifest_path, f"backbone weights: {exc}") from None
+    explicit = manifest.guidance.explicit
+    if explicit:
+        named = [spec.objective for spec in explicit]
+        if sorted(named) != sorted(manifest.objectives):
+            raise StoreError(
+                manifest_path,
+                f"explicit value models cover {named}, "
+                f"need exactly one per objective {manifest.objectives}",
+            )
+        if len({spec.kind for spec in explicit}) != 1:
+            raise StoreError(manifest_path, "explicit value models mix lora and standalone")
+    return matrix
+
+
+def check_store(root: Path | str) -> CheckedStore:
+    """Run every static check; return what loading needs."""
+    root = Path(root).resolve()
+    manifest = read_manifest(root)
+    matrix = check_objectives(manifest, root / MANIFEST_NAME)
+    verify_checksums(root, manifest)
+    base_path = resolve(root, manifest.base.path)
+    if not base_path.is_dir():
+        raise StoreError(base_path, "base model folder does not exist")
+    vocab_size = read_vocab_size(base_path)
+    shapes = base_weight_shapes(base_path)
+    for backbone in manifest.backbones:
+        adapter = load_lora_adapter(resolve(root, backbone.path), backbone.name, torch.float32)
+        check_adapter_fits(adapter, shapes)
+    from guidance.value_head import load_value_head  # guidance depends on store, not back
+
+    for spec in manifest.guidance.explicit:
+        head_path = resolve(root, spec.head)
+        head = load_value_head(head_path)
+        if head.vocab_size != vocab_size:
+            raise StoreError(
+                head_path,
+                f"head gives {head.vocab_size} values, the base vocabulary has {vocab_size}",
+            )
+        model_path = resolve(root, spec.path)
+        if spec.kind == "lora":
+            check_adapter_fits(load_lora_adapter(model_path, spec.objective, torch.float32), shapes)
+        elif read_vocab_size(model_path) != vocab_size:
+            raise StoreError(
+                model_path / "config.json",
+                f"standalone value model's vocabulary differs from the base's ({vocab_size})",
+            )
+    return CheckedStore(root, manifest, base_path, matrix, vocab_size)
