@@ -58,6 +58,8 @@ class GuidanceSpec(_Strict):
 
 
 class DefaultsSpec(_Strict):
+    preference: list[float] | None = None
+    """Preference mu (objective order) when a request names none; None means uniform."""
     guidance_mode: GuidanceMode = "none"
     """Guidance mode used when a request names none."""
     gamma: float = 1.0

@@ -1,0 +1,1 @@
+"""HTTP layer only: validation, SSE, metrics. The model lives in guidance.engine."""

@@ -1,0 +1,86 @@
+"""Prometheus metrics. Labels stay low-cardinality: never a preference, prompt or id."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from guidance.engine import EngineObserver
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics(EngineObserver):
+    """All server metrics in one registry, fed by the HTTP layer and the engine."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mage_requests", "Requests by outcome.", ["outcome"], registry=r)
+        self.duration = Histogram(
+            "mage_request_duration_seconds",
+            "Arrival to last event.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "mage_queue_time_seconds",
+            "Arrival to engine admission.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "mage_time_to_first_token_seconds",
+            "Admission to first token.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "mage_inter_token_latency_seconds",
+            "Between consecutive tokens.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.generated = Counter("mage_generated_tokens", "Tokens generated.", registry=r)
+        self.queue_size = Gauge("mage_queue_size", "Requests waiting.", registry=r)
+        self.running = Gauge("mage_running_requests", "Requests being decoded.", registry=r)
+        self.cache_hits = Counter("mage_merge_cache_hits", "Merge-cache hits.", registry=r)
+        self.cache_misses = Counter("mage_merge_cache_misses", "Merge-cache misses.", registry=r)
+        self.cache_evictions = Counter(
+            "mage_merge_cache_evictions", "Merge-cache evictions.", registry=r
+        )
+        self.merge_latency = Histogram(
+            "mage_merge_latency_seconds",
+            "Building (or fetching) what a preference needs.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ready = Gauge("mage_ready", "1 once the store is loaded.", registry=r)
+
+    # EngineObserver hooks (called on the engine thread; prometheus_client is thread-safe)
+    def queued(self, size: int) -> None:
+        self.queue_size.set(size)
+
+    def admitted(self, queue_seconds: float, running: int) -> None:
+        self.queue_time.observe(queue_seconds)
+        self.running.set(running)
+
+    def token(self, seconds_since_last: float, first: bool) -> None:
+        (self.ttft if first else self.itl).observe(seconds_since_last)
+        self.generated.inc()
+
+    def finished(self, outcome: str, seconds: float, generated: int, running: int) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        self.duration.observe(seconds)
+        self.running.set(running)
+
+    def merge(self, seconds: float) -> None:
+        self.merge_latency.observe(seconds)
+
+    def cache_event(self, event: str) -> None:
+        {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}[
+            event
+        ].inc()
+
+    def rejected(self, outcome: str) -> None:
+        """A request refused before reaching the engine (validation, overloaded, not ready)."""
+        self.requests.labels(outcome=outcome).inc()
