@@ -88,7 +88,8 @@ def _inspect(args: argparse.Namespace) -> int:
     for mu in [*torch.eye(n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)]:
         lam = solve_lambda(checked.combination_matrix, mu)
         print(
-            f"   mu={[round(v, 3) for v in mu.tolist()]} -> lambda={[round(v, 4) for v in lam.tolist()]}"
+            f"   mu={[round(v, 3) for v in mu.tolist()]} "
+            f"-> lambda={[round(v, 4) for v in lam.tolist()]}"
         )
     return 0
 
