@@ -1,0 +1,1 @@
+"""Training-side utilities: reward functions and the project's prompt set."""
