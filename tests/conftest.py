@@ -28,8 +28,12 @@ def soup_store(tmp_path_factory):
 @pytest.fixture(scope="session")
 def standalone_store(tmp_path_factory):
     """B = I, alpha 0, standalone value models with dense heads."""
-    return build_tiny_store(tmp_path_factory.mktemp("standalone") / "s", beta=None,
-                            value_kind="standalone", head_kind="dense")
+    return build_tiny_store(
+        tmp_path_factory.mktemp("standalone") / "s",
+        beta=None,
+        value_kind="standalone",
+        head_kind="dense",
+    )
 
 
 @pytest.fixture

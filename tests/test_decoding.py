@@ -25,12 +25,28 @@ MODES = ("none", "explicit", "explicit-ensemble", "implicit", "implicit-ensemble
 PROMPT = "How do I bake bread?"
 
 
-def generate(engine: Engine, mu, mode="none", gamma=1.0, max_new=12, sampling=None,
-             stop=(), method="bone-soup") -> tuple[list[TokenEvent], TokenEvent | ErrorEvent]:
+def generate(
+    engine: Engine,
+    mu,
+    mode="none",
+    gamma=1.0,
+    max_new=12,
+    sampling=None,
+    stop=(),
+    method="bone-soup",
+) -> tuple[list[TokenEvent], TokenEvent | ErrorEvent]:
     ids = engine.store.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    request = GenerationRequest("t", tuple(ids), torch.tensor(mu, dtype=torch.float64), mode,
-                                gamma, sampling or SamplingParams(), max_new, tuple(stop),
-                                merge_method=method)
+    request = GenerationRequest(
+        "t",
+        tuple(ids),
+        torch.tensor(mu, dtype=torch.float64),
+        mode,
+        gamma,
+        sampling or SamplingParams(),
+        max_new,
+        tuple(stop),
+        merge_method=method,
+    )
     events: list = []
     engine.submit(RequestHandle(request, events.append, time.monotonic()))
     for _ in range(max_new + 2):
@@ -65,9 +81,13 @@ def test_none_one_hot_equals_transformers_generate_with_merged_adapter(
     merged = PeftModel.from_pretrained(base, str(soup_store / f"backbones/{name}"))
     merged = merged.merge_and_unload().eval()
     ids = soup_engine.store.tokenizer(PROMPT, add_special_tokens=False, return_tensors="pt")
-    expected = merged.generate(**ids, max_new_tokens=12, do_sample=False,
-                               eos_token_id=soup_engine.store.tokenizer.eos_token_id)
-    expected = expected[0, ids["input_ids"].shape[1]:].tolist()
+    expected = merged.generate(
+        **ids,
+        max_new_tokens=12,
+        do_sample=False,
+        eos_token_id=soup_engine.store.tokenizer.eos_token_id,
+    )
+    expected = expected[0, ids["input_ids"].shape[1] :].tolist()
     mu = [1.0 if i == objective else 0.0 for i in range(2)]
     assert token_ids(soup_engine, mu, "none") == expected
 
@@ -83,7 +103,8 @@ def test_explicit_ensemble_equals_merged_for_one_hot(bone_engine, mu):
 @pytest.mark.parametrize("mu", [[1.0, 0.0], [0.0, 1.0]])
 def test_implicit_ensemble_equals_merged_on_soup_store(soup_engine, mu):
     assert token_ids(soup_engine, mu, "implicit", gamma=2.0) == token_ids(
-        soup_engine, mu, "implicit-ensemble", gamma=2.0)
+        soup_engine, mu, "implicit-ensemble", gamma=2.0
+    )
 
 
 @pytest.mark.parametrize("mode", MODES[1:])
@@ -108,7 +129,9 @@ def test_preference_changes_the_policy(bone_engine):
 def test_standalone_value_models(standalone_store):
     engine = Engine(load_store(standalone_store, "cpu", "float32"))
     for mu in ([1.0, 0.0], [0.0, 1.0]):
-        assert token_ids(engine, mu, "explicit", 4.0) == token_ids(engine, mu, "explicit-ensemble", 4.0)
+        assert token_ids(engine, mu, "explicit", 4.0) == token_ids(
+            engine, mu, "explicit-ensemble", 4.0
+        )
     mu = [0.4, 0.6]
     assert token_ids(engine, mu, "explicit", 0.0) == token_ids(engine, mu, "none")
     assert token_ids(engine, mu, "explicit", 8.0) != token_ids(engine, mu, "none")
@@ -120,8 +143,10 @@ def test_details_report_lambda_and_cache_hits(bone_engine):
     _, second = generate(bone_engine, mu, "explicit", max_new=2)
     assert first.details["merge_cache_hit"] is False
     assert second.details["merge_cache_hit"] is True
-    lam = torch.linalg.solve(torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=torch.float64),
-                             torch.tensor(mu, dtype=torch.float64))
+    lam = torch.linalg.solve(
+        torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=torch.float64),
+        torch.tensor(mu, dtype=torch.float64),
+    )
     assert first.details["lambda"] == pytest.approx(lam.tolist(), abs=1e-6)
     assert first.details["finish_reason"] == "length"
     assert first.details["generated_tokens"] == 2
@@ -145,8 +170,9 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(bone_engine):
     sampling = SamplingParams(temperature=1.5, top_k=50, top_p=0.95, seed=7)
     a = token_ids(bone_engine, [0.5, 0.5], "explicit", sampling=sampling)
     b = token_ids(bone_engine, [0.5, 0.5], "explicit", sampling=sampling)
-    other = token_ids(bone_engine, [0.5, 0.5], "explicit",
-                      sampling=SamplingParams(temperature=1.5, seed=8))
+    other = token_ids(
+        bone_engine, [0.5, 0.5], "explicit", sampling=SamplingParams(temperature=1.5, seed=8)
+    )
     assert a == b
     assert a != other or a != token_ids(bone_engine, [0.5, 0.5], "explicit")
 

@@ -88,29 +88,38 @@ def test_preference_is_normalised_and_map_form_accepted():
 
 def _random_factors(out: int, inp: int, rank: int, scale: float, seed: int) -> LoraFactors:
     g = torch.Generator().manual_seed(seed)
-    return LoraFactors(torch.randn(rank, inp, generator=g, dtype=torch.float64),
-                       torch.randn(out, rank, generator=g, dtype=torch.float64), scale)
+    return LoraFactors(
+        torch.randn(rank, inp, generator=g, dtype=torch.float64),
+        torch.randn(out, rank, generator=g, dtype=torch.float64),
+        scale,
+    )
 
 
 def test_row_merge_equals_dense_merge_not_the_factor_average():
     adapters = [_random_factors(6, 5, 2, 0.5, 1), _random_factors(6, 5, 4, 2.0, 2)]
     coefficients = [1.75, -0.75]
     x = torch.randn(1, 3, 5, dtype=torch.float64)
-    per_row = sum(apply_row_lora(x, f, torch.tensor([c], dtype=torch.float64))
-                  for f, c in zip(adapters, coefficients, strict=True))
+    per_row = sum(
+        apply_row_lora(x, f, torch.tensor([c], dtype=torch.float64))
+        for f, c in zip(adapters, coefficients, strict=True)
+    )
     dense = x @ exact_merged_delta(adapters, coefficients).T
     assert torch.allclose(per_row, dense, atol=1e-10)
     # The inexact (sum c B)(sum c A) merge differs; it needs equal ranks, so compare on rank 2.
     same_rank = [_random_factors(6, 5, 2, 1.0, 3), _random_factors(6, 5, 2, 1.0, 4)]
     naive = sum(c * f.lora_b for f, c in zip(same_rank, coefficients, strict=True)) @ sum(
-        c * f.lora_a for f, c in zip(same_rank, coefficients, strict=True))
+        c * f.lora_a for f, c in zip(same_rank, coefficients, strict=True)
+    )
     assert not torch.allclose(naive, exact_merged_delta(same_rank, coefficients), atol=1e-3)
 
 
 def test_rows_with_different_coefficients_share_one_forward(tiny_store):
     store = load_store(tiny_store, device="cpu", dtype="float32")
-    layer = next(m for m in store.model.modules() if isinstance(m, MultiLoraLinear)
-                 and 0 in m.adapters and 1 in m.adapters)
+    layer = next(
+        m
+        for m in store.model.modules()
+        if isinstance(m, MultiLoraLinear) and 0 in m.adapters and 1 in m.adapters
+    )
     x = torch.randn(3, 4, layer.in_features)
     rows = torch.tensor([[1.75, -0.75, 0, 0], [0.0, 0.0, 0, 0], [-0.5, 1.5, 0, 0]])
     store.coefficients.set(rows)
@@ -131,8 +140,9 @@ def test_exact_merge_matches_peft_cat(tiny_store):
         for name, child in list(module.named_children()):
             if isinstance(child, MultiLoraLinear):
                 setattr(module, name, child.base)
-    peft_model = PeftModel.from_pretrained(base, str(tiny_store / "backbones/helpful"),
-                                           adapter_name="a")
+    peft_model = PeftModel.from_pretrained(
+        base, str(tiny_store / "backbones/helpful"), adapter_name="a"
+    )
     peft_model.load_adapter(str(tiny_store / "backbones/harmless"), adapter_name="b")
     weights = [1.75, -0.75]
     peft_model.add_weighted_adapter(["a", "b"], weights, "merged", combination_type="cat")
@@ -145,8 +155,11 @@ def test_exact_merge_matches_peft_cat(tiny_store):
     for module in sorted(modules):
         peft_layer = peft_model.base_model.model.get_submodule(module)
         peft_delta = peft_layer.get_delta_weight("merged")
-        parts = [(ours[n][module], w) for n, w in zip(("helpful", "harmless"), weights,
-                                                       strict=True) if module in ours[n]]
+        parts = [
+            (ours[n][module], w)
+            for n, w in zip(("helpful", "harmless"), weights, strict=True)
+            if module in ours[n]
+        ]
         dense = exact_merged_delta([p for p, _ in parts], [w for _, w in parts])
         assert torch.allclose(peft_delta, dense, atol=1e-5), module
         checked += 1
