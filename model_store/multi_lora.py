@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from merging.lora import LoraFactors, apply_row_lora
+from merging.lora import LoraFactors, StackedLora, apply_row_lora, stack_adapters
 
 
 class RowCoefficients:
@@ -38,6 +38,7 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.coefficients = coefficients
         self.adapters: dict[int, LoraFactors] = {}
+        self.stacked: StackedLora | None = None
 
     @property
     def in_features(self) -> int:
@@ -53,17 +54,16 @@ class MultiLoraLinear(nn.Module):
 
     def add_adapter(self, index: int, factors: LoraFactors) -> None:
         self.adapters[index] = factors
+        self.stacked = stack_adapters(self.adapters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         matrix = self.coefficients.matrix
-        if matrix is None:
+        if matrix is None or self.stacked is None:
             return out
-        for index in self.coefficients.active:
-            factors = self.adapters.get(index)
-            if factors is not None:
-                out = out + apply_row_lora(x, factors, matrix[:, index])
-        return out
+        if not any(index in self.adapters for index in self.coefficients.active):
+            return out  # e.g. the reference row alone, or adapters of other layers
+        return out + apply_row_lora(x, self.stacked, matrix)
 
 
 def wrap_linear_layers(

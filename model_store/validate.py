@@ -42,6 +42,15 @@ def resolve(root: Path, relative: str) -> Path:
     return path if path.is_absolute() else root / path
 
 
+def resolve_base(root: Path, manifest: StoreManifest) -> Path:
+    """The base model folder; a package-shipped GGUF base is converted once into the cache."""
+    if manifest.base.gguf_package:
+        from model_store.gguf import packaged_base
+
+        return packaged_base(manifest.base.gguf_package, manifest.base.gguf_file or "")
+    return resolve(root, manifest.base.path or "")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -161,7 +170,7 @@ def check_store(root: Path | str) -> CheckedStore:
     manifest = read_manifest(root)
     matrix = check_objectives(manifest, root / MANIFEST_NAME)
     verify_checksums(root, manifest)
-    base_path = resolve(root, manifest.base.path)
+    base_path = resolve_base(root, manifest)
     if not base_path.is_dir():
         raise StoreError(base_path, "base model folder does not exist")
     vocab_size = read_vocab_size(base_path)

@@ -8,13 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from model_store.builder import (
-    circulant_backbone_weights,
-    random_value_head,
-    write_manifest,
-    write_random_lora,
-    write_value_head,
-)
+from model_store.builder import build_random_store
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -79,71 +73,24 @@ def build_tiny_store(
     alpha: float = 0.0,
     value_kind: str | None = "lora",
     head_kind: str = "tied",
-    lora_std: float = 0.3,
     seed: int = 0,
 ) -> Path:
     """A complete store on a random 2-layer Llama: n backbones, n value models, manifest.
 
-    beta=None gives B = I (a Rewarded-Soup store). Backbones get different ranks and
-    target modules, so merging must handle mismatched adapters.
+    Large random LoRA deltas (std 0.3) so that preferences visibly change the outputs.
     """
     root.mkdir(parents=True, exist_ok=True)
-    base = write_tiny_base(root / "base", seed)
-    n = len(objectives)
-    weights = (
-        circulant_backbone_weights(list(objectives), beta)
-        if beta is not None
-        else torch.eye(n).tolist()
-    )
-    target_sets = [("q_proj", "v_proj"), ("q_proj", "o_proj", "down_proj"), ("k_proj", "up_proj")]
-    backbones = []
-    for i, name in enumerate(objectives):
-        write_random_lora(
-            base,
-            root / f"backbones/{name}",
-            rank=2 + 2 * (i % 2),
-            targets=target_sets[i % 3],
-            seed=seed + 10 + i,
-            std=lora_std,
-        )
-        backbones.append({"name": f"bb-{name}", "path": f"backbones/{name}", "weights": weights[i]})
-    explicit = []
-    hidden, vocab = base.config.hidden_size, base.config.vocab_size
-    for i, name in enumerate(objectives if value_kind else ()):
-        if value_kind == "lora":
-            write_random_lora(
-                base,
-                root / f"values/{name}",
-                rank=2,
-                targets=("q_proj", "gate_proj"),
-                seed=seed + 20 + i,
-                std=lora_std,
-            )
-        else:
-            tiny_llama(vocab, seed=seed + 30 + i).save_pretrained(str(root / f"values/{name}"))
-        write_value_head(
-            random_value_head(hidden, vocab, head_kind, seed=seed + 40 + i, std=0.5),
-            root / f"values/{name}-head.safetensors",
-        )
-        explicit.append(
-            {
-                "objective": name,
-                "kind": value_kind,
-                "path": f"values/{name}",
-                "head": f"values/{name}-head.safetensors",
-            }
-        )
-    write_manifest(
+    write_tiny_base(root / "base", seed)
+    return build_random_store(
         root,
-        {
-            "name": "tiny",
-            "objectives": list(objectives),
-            "base": {"path": "base"},
-            "backbones": backbones,
-            "alpha": alpha,
-            "beta": beta,
-            "guidance": {"explicit": explicit, "implicit": True},
-            "defaults": {"guidance_mode": "none", "gamma": 1.0, "max_new_tokens": 8},
-        },
+        {"path": "base"},
+        list(objectives),
+        beta,
+        alpha,
+        value_kind,
+        head_kind,
+        lora_std=0.3,
+        head_std=0.5,
+        seed=seed,
+        name="tiny",
     )
-    return root

@@ -14,7 +14,13 @@ from merging.coefficients import (
     normalise_preference,
     solve_lambda,
 )
-from merging.lora import LoraFactors, apply_row_lora, exact_merged_delta, lora_delta
+from merging.lora import (
+    LoraFactors,
+    apply_row_lora,
+    exact_merged_delta,
+    lora_delta,
+    stack_adapters,
+)
 from merging.registry import get_merge_method
 from model_store.adapters import load_lora_adapter
 from model_store.loader import load_store
@@ -99,10 +105,8 @@ def test_row_merge_equals_dense_merge_not_the_factor_average():
     adapters = [_random_factors(6, 5, 2, 0.5, 1), _random_factors(6, 5, 4, 2.0, 2)]
     coefficients = [1.75, -0.75]
     x = torch.randn(1, 3, 5, dtype=torch.float64)
-    per_row = sum(
-        apply_row_lora(x, f, torch.tensor([c], dtype=torch.float64))
-        for f, c in zip(adapters, coefficients, strict=True)
-    )
+    stacked = stack_adapters(dict(enumerate(adapters)))
+    per_row = apply_row_lora(x, stacked, torch.tensor([coefficients], dtype=torch.float64))
     dense = x @ exact_merged_delta(adapters, coefficients).T
     assert torch.allclose(per_row, dense, atol=1e-10)
     # The inexact (sum c B)(sum c A) merge differs; it needs equal ranks, so compare on rank 2.
