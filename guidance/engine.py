@@ -216,7 +216,7 @@ class Engine:
         text = (
             self.store.tokenizer.convert_ids_to_tokens(token) if special else seq.detok.push(token)
         )
-        reason = self._finish_reason(seq, token)
+        reason = self._finish_reason(seq, token, len(text))
         if reason is None:
             seq.handle.on_event(TokenEvent(token, text, logprob, special))
             return
@@ -226,10 +226,12 @@ class Engine:
         event = TokenEvent(token, text, logprob, special, seq.detok.text, details)
         self._finish(seq, "success", event)
 
-    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+    def _finish_reason(self, seq: Sequence, token: int, new_chars: int) -> str | None:
         if token in self.eos_ids:
             return "eos_token"
-        tail = seq.detok.text[-(max((len(s) for s in seq.request.stop), default=0) + 16) :]
+        # Only text that includes the new characters can hold a stop sequence not seen before.
+        longest = max((len(s) for s in seq.request.stop), default=0)
+        tail = seq.detok.text[-(longest + new_chars) :] if new_chars else ""
         if any(stop in tail for stop in seq.request.stop):
             return "stop_sequence"
         if seq.generated >= seq.request.max_new_tokens:

@@ -23,7 +23,11 @@ def smol_url(tmp_path_factory):
     root = build_random_store(
         tmp_path_factory.mktemp("smol") / "store",
         {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE},
-        ["relevance", "positivity"], beta=0.7, alpha=0.1, lora_std=0.01, head_std=0.001,
+        ["relevance", "positivity"],
+        beta=0.7,
+        alpha=0.1,
+        lora_std=0.01,
+        head_std=0.001,
     )
     with running_server(load_store(root, "cpu", "float32")) as url:
         yield url
@@ -53,10 +57,14 @@ def test_explicit_and_implicit_modes_run_on_smollm2(smol_url):
     info = httpx.get(f"{smol_url}/info").json()
     assert info["objectives"] == ["relevance", "positivity"]
     for mode in ("explicit", "implicit-ensemble"):
-        response = httpx.post(f"{smol_url}/generate", timeout=120, json={
-            "inputs": "The weather today is",
-            "parameters": {"max_new_tokens": 4, "guidance": {"mode": mode, "gamma": 0.5}},
-        })
+        response = httpx.post(
+            f"{smol_url}/generate",
+            timeout=120,
+            json={
+                "inputs": "The weather today is",
+                "parameters": {"max_new_tokens": 4, "guidance": {"mode": mode, "gamma": 0.5}},
+            },
+        )
         assert response.status_code == 200, response.text
         assert response.json()["details"]["guidance"]["mode"] == mode
         assert response.json()["details"]["generated_tokens"] == 4
