@@ -132,6 +132,59 @@ def _build_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_demo(args: argparse.Namespace) -> int:
+    from training.common import TrainingError
+    from training.demo import DemoSettings, build_demo, quick
+
+    settings = quick(DemoSettings()) if args.quick else DemoSettings()
+    work = args.work or args.out.with_name(args.out.name + "-work")
+    try:
+        root = build_demo(args.out.resolve(), work.resolve(), settings)
+    except (StoreError, TrainingError, ValueError) as exc:
+        print(f"mage store build-demo: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {root}; report in {root / 'build_report.json'}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
+    from model_store.validate import check_store
+    from training.rewards import RewardError
+
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        print(f"mage eval: unknown method(s) {unknown}; known: {sorted(METHODS)}", file=sys.stderr)
+        return 2
+    try:
+        n = len(check_store(args.store).manifest.objectives)
+        prefs = (
+            tuple(tuple(float(v) for v in p.split(",")) for p in args.preferences.split(";"))
+            if args.preferences
+            else preference_sweep(n)
+        )
+        rewards = tuple(args.rewards.split(",")) if args.rewards else None
+        config = EvalConfig(
+            args.store,
+            args.out,
+            methods,
+            prefs,
+            args.split,
+            args.limit,
+            args.gamma,
+            args.max_new_tokens,
+            rewards,
+        )
+        results = run_eval(config)
+    except (StoreError, RewardError, ValueError) as exc:
+        print(f"mage eval: {exc}", file=sys.stderr)
+        return 2
+    print((args.out / "table.md").read_text())
+    print(f"results in {args.out}; {results['seconds_generating']}s generating")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -166,6 +219,29 @@ def build_parser() -> argparse.ArgumentParser:
     rand.add_argument("--beta", type=float, default=0.7)
     rand.add_argument("--alpha", type=float, default=0.0)
     rand.set_defaults(func=_build_random)
+    demo = store_sub.add_parser("build-demo", help="rebuild the demo store from scratch")
+    demo.add_argument("--out", type=Path, default=Path("demo/store"))
+    demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
+    demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    demo.set_defaults(func=_build_demo)
+    ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")
+    ev.add_argument("--store", type=Path, required=True)
+    ev.add_argument("--out", type=Path, required=True, help="results folder (resumable cache)")
+    ev.add_argument("--methods", default="bone-soup,mage-e-m,mage-i-m")
+    ev.add_argument(
+        "--preferences",
+        default=None,
+        help="'1,0;0.5,0.5;0,1' (default: 0, 0.1, ..., 1 or a simplex grid)",
+    )
+    ev.add_argument("--rewards", default=None, help="reward spec per objective, comma-separated")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=None, help="first N prompts")
+    ev.add_argument("--gamma", type=float, default=1.0)
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.set_defaults(func=_eval)
+    from training.cli import add_train_commands
+
+    add_train_commands(sub)
     return parser
 
 

@@ -14,6 +14,8 @@ from model_store.builder import circulant_backbone_weights
 from tests.common import write_tiny_base
 from training.backbone import BackboneTrainConfig, train_backbone
 
+pytest.importorskip("trl", minversion="1.16", reason="backbone training uses TRL's GRPOTrainer")
+
 LENGTH = "tests.test_training_backbone:length_reward"
 VOWELS = "tests.test_training_backbone:vowel_reward"
 
@@ -26,6 +28,10 @@ def length_reward(prompts: list[str], responses: list[str]) -> list[float]:
 def vowel_reward(prompts: list[str], responses: list[str]) -> list[float]:
     """A second cheap objective: share of vowels among the response's characters."""
     return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+
+def broken_reward(prompts: list[str], responses: list[str]) -> list[float]:
+    raise RuntimeError("scorer exploded")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +102,20 @@ def test_backbone_resume_continues(first_run, base, tmp_path):
     assert result.steps_run == 1 and result.global_step == 3
     state = json.loads((copy / "checkpoints/checkpoint-3/trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_backbone_resume_refuses_other_weights(first_run, base, tmp_path):
+    import shutil
+
+    from training.common import TrainingError
+
+    out, _ = first_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    config = _config(base, copy, steps=3)
+    config.weights = [0.3, 0.7]
+    with pytest.raises(TrainingError, match="weights"):
+        train_backbone(config)
 
 
 def _cli(argv: list[str]) -> int:
@@ -176,3 +196,13 @@ def test_train_backbones_cli_bad_beta(base, tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert rc == 2 and "--beta" in err
+
+
+def test_train_backbone_cli_reward_failure_is_reported(base, tmp_path, capsys):
+    rc = _cli(
+        ["train", "backbone", "--base", str(base), "--out", str(tmp_path / "o")]
+        + ["--rewards", "tests.test_training_backbone:broken_reward"]
+        + TINY
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "scorer exploded" in err and "Traceback" not in err

@@ -1,0 +1,67 @@
+"""`mage eval` end to end on a tiny store with cheap module:function rewards."""
+
+from __future__ import annotations
+
+import json
+
+from cli.main import main as mage
+from evaluation.run import preference_sweep
+
+
+def response_length(prompts: list[str], responses: list[str]) -> list[float]:
+    return [float(len(r)) for r in responses]
+
+
+def vowel_share(prompts: list[str], responses: list[str]) -> list[float]:
+    return [sum(c in "aeiou" for c in r) / max(len(r), 1) for r in responses]
+
+
+def test_preference_sweeps():
+    two = preference_sweep(2)
+    assert len(two) == 11 and two[0] == (1.0, 0.0) and two[-1] == (0.0, 1.0)
+    three = preference_sweep(3, steps=2)
+    assert len(three) == 6 and all(abs(sum(p) - 1) < 1e-9 for p in three)
+
+
+def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
+    args = [
+        "eval",
+        "--store",
+        str(tiny_store),
+        "--out",
+        str(tmp_path / "ev"),
+        "--methods",
+        "bone-soup,mage-e-m,mage-i",
+        "--preferences",
+        "1,0;0.5,0.5;0,1",
+        "--rewards",
+        "tests.test_eval:response_length,tests.test_eval:vowel_share",
+        "--split",
+        "validation",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert mage(args) == 0
+    results = json.loads((tmp_path / "ev/results.json").read_text())
+    assert set(results["mean_rewards"]) == {"bone-soup", "mage-e-m", "mage-i"}
+    assert len(results["mean_rewards"]["mage-e-m"]) == 3
+    assert results["prompts"] == 2
+    lines = (tmp_path / "ev/generations.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 3 * 2
+    assert "| mage-e-m | (0.5, 0.5) |" in (tmp_path / "ev/table.md").read_text()
+    for m in results["metrics"].values():
+        assert m["front_length"] >= 1 and m["hv"] >= 0
+    capsys.readouterr()
+    assert mage(args) == 0  # resumed: nothing generated again
+    assert len((tmp_path / "ev/generations.jsonl").read_text().splitlines()) == 18
+    assert "0s generating" in capsys.readouterr().out
+
+
+def test_eval_rejects_unknown_method(tiny_store, tmp_path, capsys):
+    assert (
+        mage(["eval", "--store", str(tiny_store), "--out", str(tmp_path), "--methods", "telepathy"])
+        == 2
+    )
+    assert "unknown method" in capsys.readouterr().err

@@ -1,0 +1,353 @@
+"""Backbone training for Stage 1 (Sec. 3.3.3-3.3.4): RL on the backbone reward of Eq. (11),
+
+    theta_i = argmax E_{s~D, a~pi}[ w_i^T r(s, a) - eta log pi(a|s) / pi_sft(a|s) ],
+
+with h_i = sum_j w_ij r_j the backbone reward and w_i the i-th column of the circulant B of
+Eq. (12). It uses TRL's GRPOTrainer (the paper used PPO; GRPO needs no critic, which keeps CPU
+runs cheap) with a LoRA `peft_config`: one reward function per objective, `reward_weights = w_i`
+with `multi_objective_aggregation="sum_then_normalize"` (so the trainer forms exactly h_i before
+the group normalisation of advantages) and `beta = eta > 0`, the KL penalty to the base (TRL
+disables the adapter to get pi_sft, so no second model is loaded). TRL adds the KL as a
+per-token k3 estimate in the loss rather than in the reward; its expectation is the same KL.
+
+Outputs: the final adapter (PEFT folder, safetensors) at ``adapter_dir`` (default
+``out/adapter``), TRL checkpoints under ``out/checkpoints`` every ``save_steps`` steps (a new
+call on the same ``out`` resumes from the latest), and ``out/log.jsonl`` with the per-step logs
+(``rewards/<objective>/mean`` for every objective, ``reward`` = mean h_i, ``kl``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from training.common import (
+    TrainingError,
+    check_base,
+    has_chat_template,
+    load_base,
+    pick_device,
+    prompt_texts,
+    seed_everything,
+)
+from training.rewards import RewardError, get_reward
+
+
+@dataclass
+class BackboneTrainConfig:
+    """Settings of one backbone run (defaults: small and CPU-friendly)."""
+
+    base: Path
+    rewards: list[str]
+    """Reward specs r_1..r_n (training.rewards.get_reward), in objective order."""
+    weights: list[float]
+    """w_i: combination weights of the rewards (Eq. 11), on the simplex."""
+    out: Path
+    adapter_dir: Path | None = None
+    """Where the final adapter goes; default ``out/adapter``."""
+    steps: int = 100
+    kl: float = 0.05
+    """eta of Eq. (11): TRL's `beta`."""
+    lr: float = 1e-4
+    rank: int = 8
+    lora_alpha: int = 16
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    prompts_per_step: int = 2
+    num_generations: int = 4
+    """Completions per prompt (GRPO's group size)."""
+    max_completion_length: int = 32
+    temperature: float = 1.0
+    split: str = "train"
+    max_prompts: int | None = None
+    save_steps: int = 25
+    save_total_limit: int = 2
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+    extra_args: dict = field(default_factory=dict)
+    """Any further GRPOConfig fields (advanced; overrides the above)."""
+
+
+@dataclass
+class BackboneTrainResult:
+    adapter_dir: Path
+    global_step: int
+    """Optimizer steps done in total (including those before a resume)."""
+    steps_run: int
+    """Optimizer steps done by this call."""
+    resumed_from: Path | None
+    reward_means: dict[str, float]
+    """Mean of each objective's reward over the steps this call ran."""
+    log: list[dict]
+    """TRL's per-step logs of this call."""
+
+
+class ObjectiveReward:
+    """A GRPO reward function for one objective: TRL calls it with the prompts and completions
+    (chat-message lists or strings); it hands our reward plain texts. Its `__name__` is the
+    objective name, which TRL uses in the ``rewards/<name>/mean`` logs."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.__name__ = spec
+        self.reward = get_reward(spec)
+
+    @staticmethod
+    def _text(item: object) -> str:
+        if isinstance(item, str):
+            return item
+        if isinstance(item, list) and item and isinstance(item[-1], dict):
+            content = item[-1].get("content", "")
+            return content if isinstance(content, str) else str(content)
+        return str(item)
+
+    def __call__(self, prompts: Sequence, completions: Sequence, **_: object) -> list[float]:
+        return self.reward([self._text(p) for p in prompts], [self._text(c) for c in completions])
+
+
+def check_weights(rewards: list[str], weights: list[float]) -> None:
+    """w_i must have one entry per reward and lie on the simplex (Eq. 11)."""
+    if not rewards:
+        raise TrainingError("--rewards: give at least one reward")
+    if len(set(rewards)) != len(rewards):
+        raise TrainingError(f"--rewards: names repeat: {rewards}")
+    if len(weights) != len(rewards):
+        raise TrainingError(
+            f"--weights: {len(weights)} weights for {len(rewards)} rewards {rewards}"
+        )
+    if any(w < 0 for w in weights) or abs(sum(weights) - 1.0) > 1e-6:
+        raise TrainingError(f"--weights {weights}: must be >= 0 and sum to 1 (the simplex)")
+
+
+def _check_run_file(config: BackboneTrainConfig, out: Path) -> None:
+    """Refuse to resume an output folder started on another base, rewards, weights or LoRA."""
+    wanted = {
+        "base": str(Path(config.base).resolve()),
+        "rewards": list(config.rewards),
+        "weights": [float(w) for w in config.weights],
+        "lora": [config.rank, config.lora_alpha, list(config.targets)],
+    }
+    path = out / "run.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        changed = [k for k in wanted if found.get(k) != wanted[k]]
+        if changed:
+            raise TrainingError(
+                f"{path}: this output folder was started with other settings "
+                f"({', '.join(changed)}); use a new output folder or delete this one"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    if not folder.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(folder))
+    return Path(found) if found else None
+
+
+def _dataset(tokenizer: object, prompts: list[str]):
+    from datasets import Dataset
+
+    if has_chat_template(tokenizer):  # TRL renders it with add_generation_prompt, as the server
+        rows = [{"prompt": [{"role": "user", "content": p}]} for p in prompts]
+    else:
+        rows = [{"prompt": p} for p in prompts]
+    return Dataset.from_list(rows)
+
+
+def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
+    """Train one backbone with GRPO on h_i (Eq. 11); resumes from ``out/checkpoints``."""
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as exc:
+        hint = "pip install 'trl>=1.16,<2'"
+        raise TrainingError(f"backbone training needs TRL: {hint} ({exc})") from None
+
+    check_weights(config.rewards, config.weights)
+    if config.steps < 1:
+        raise TrainingError("--steps must be >= 1")
+    if config.kl <= 0:
+        raise TrainingError("--kl must be > 0 (Eq. 11 keeps the backbone near the base)")
+    check_base(config.base)
+    out = Path(config.out)
+    _check_run_file(config, out)
+    ckpt_dir = out / "checkpoints"
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    try:
+        reward_funcs = [ObjectiveReward(spec) for spec in config.rewards]
+    except RewardError as exc:
+        raise TrainingError(f"--rewards: {exc}") from None
+    model, tokenizer = load_base(config.base)
+    prompts = prompt_texts(config.split, config.max_prompts)
+    if not prompts:
+        raise TrainingError(f"prompt split {config.split!r} is empty")
+
+    args = dict(
+        output_dir=str(ckpt_dir),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.prompts_per_step * config.num_generations,
+        gradient_accumulation_steps=1,
+        num_generations=config.num_generations,
+        max_completion_length=config.max_completion_length,
+        temperature=config.temperature,
+        learning_rate=config.lr,
+        lr_scheduler_type="constant",  # so a resumed run with more --steps continues evenly
+        beta=config.kl,
+        reward_weights=list(config.weights),
+        multi_objective_aggregation="sum_then_normalize",  # h_i = w_i^T r, then normalise
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=1,
+        report_to="none",
+        push_to_hub=False,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device.type == "cpu",
+        bf16=False,
+        gradient_checkpointing=False,
+        disable_tqdm=not config.progress,
+        log_completions=False,
+    )
+    args.update(config.extra_args)
+    peft_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.targets),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    history: list[dict] = []
+    steps_run = [0]
+
+    class _Recorder(TrainerCallback):
+        def on_step_end(self, _args, state, control, **kwargs):
+            steps_run[0] += 1
+
+        def on_log(self, _args, state, control, logs=None, **kwargs):
+            if logs and "reward" in logs:
+                entry = {"step": state.global_step, **logs}
+                history.append(entry)
+                with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(entry) + "\n")
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with warnings.catch_warnings():  # TRL still sets the deprecated gradient_checkpointing
+            warnings.simplefilter("ignore", FutureWarning)
+            grpo_args = GRPOConfig(**args)
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=grpo_args,
+            train_dataset=_dataset(tokenizer, prompts),
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=[_Recorder()],
+        )
+    except (ValueError, TypeError) as exc:
+        raise TrainingError(f"cannot set up GRPO training: {exc}") from None
+    resume = _latest_checkpoint(ckpt_dir)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except RewardError as exc:
+        raise TrainingError(str(exc)) from None
+
+    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else out / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    means = {
+        spec: sum(entry[f"rewards/{spec}/mean"] for entry in history) / len(history)
+        for spec in config.rewards
+        if history and all(f"rewards/{spec}/mean" in entry for entry in history)
+    }
+    return BackboneTrainResult(
+        adapter_dir, trainer.state.global_step, steps_run[0], resume, means, history
+    )
+
+
+def train_backbone_store(
+    base: Path,
+    rewards: list[str],
+    beta: float,
+    store: Path,
+    work: Path | None = None,
+    copy_base: bool = False,
+    **settings: object,
+) -> Path:
+    """Train all n backbones of the circulant B (Eq. 12) and write them as a store.
+
+    Backbone i is trained on h_i with w_i = column i of B and saved to
+    ``store/backbones/<objective_i>``; the manifest (write_manifest: checksums filled) lists
+    the objectives, the base (absolute path, or ``base`` when ``copy_base``) and each backbone
+    with its weights. Training state lives in ``work`` (default ``<store>-work``), outside
+    the store, so a re-run resumes every backbone. An existing manifest with the same
+    objectives keeps its name, alpha, guidance and defaults.
+    """
+    from merging.coefficients import circulant_matrix
+    from model_store.builder import circulant_backbone_weights, write_manifest
+    from model_store.manifest import MANIFEST_NAME, StoreManifest
+
+    base = check_base(Path(base)).resolve()
+    store = Path(store)
+    try:
+        circulant_matrix(beta, len(rewards))
+    except ValueError as exc:
+        raise TrainingError(f"--beta: {exc}") from None
+    weights = circulant_backbone_weights(rewards, beta)
+    work = Path(work) if work else store.with_name(store.name + "-work")
+    store.mkdir(parents=True, exist_ok=True)
+    manifest: dict = {"name": store.name, "guidance": {"explicit": [], "implicit": True}}
+    existing = store / MANIFEST_NAME
+    if existing.is_file():
+        try:
+            old = StoreManifest.model_validate_json(existing.read_text())
+        except ValueError as exc:
+            raise TrainingError(f"{existing}: unreadable manifest ({exc})") from None
+        if old.objectives == rewards:
+            keep = ("name", "alpha", "guidance", "defaults")
+            manifest.update({k: v for k, v in old.model_dump().items() if k in keep})
+    base_entry = str(base)
+    if copy_base:
+        shutil.copytree(base, store / "base", dirs_exist_ok=True)
+        base_entry = "base"
+    backbones = []
+    for i, (objective, w_i) in enumerate(zip(rewards, weights, strict=True)):
+        config = BackboneTrainConfig(
+            base=base,
+            rewards=list(rewards),
+            weights=w_i,
+            out=work / f"backbone-{i}-{_slug(objective)}",
+            adapter_dir=store / "backbones" / _slug(objective),
+            **settings,  # type: ignore[arg-type]
+        )
+        train_backbone(config)
+        backbones.append(
+            {"name": f"bb-{objective}", "path": f"backbones/{_slug(objective)}", "weights": w_i}
+        )
+    manifest.update(
+        {"objectives": list(rewards), "base": {"path": base_entry}, "backbones": backbones}
+    )
+    manifest["beta"] = beta
+    write_manifest(store, manifest)
+    return store
+
+
+def _slug(spec: str) -> str:
+    """A folder name for a reward spec ('pkg.mod:fn' -> 'pkg.mod-fn')."""
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in spec).strip("-") or "reward"

@@ -1,0 +1,196 @@
+"""`mage train ...`: backbone (Eq. 11-12) and explicit value model (Eq. 16) training commands.
+
+Wire into a parser with ``add_train_commands(subparsers)``; every command sets ``func`` to a
+handler ``(args) -> int`` that returns an exit code and prints problems (naming the file or
+setting) without a traceback. Re-running a command on the same output folder resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.common import TrainingError, parse_floats, parse_names
+
+_EXPECTED = (TrainingError, ValueError, OSError)  # StoreError and RewardError are subclasses
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"mage train {command}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _run(command: str, func, args: argparse.Namespace) -> int:
+    from model_store.errors import StoreError
+    from training.rewards import RewardError
+
+    try:
+        return func(args)
+    except (*_EXPECTED, StoreError, RewardError) as exc:
+        return _fail(command, exc)
+    except KeyboardInterrupt:
+        print(f"mage train {command}: interrupted; run it again to resume", file=sys.stderr)
+        return 130
+
+
+def _rl_settings(args: argparse.Namespace) -> dict:
+    settings = {
+        "steps": args.steps,
+        "kl": args.kl,
+        "lr": args.lr,
+        "rank": args.rank,
+        "lora_alpha": args.lora_alpha,
+        "targets": tuple(parse_names(args.targets)),
+        "prompts_per_step": args.prompts_per_step,
+        "num_generations": args.num_generations,
+        "max_completion_length": args.max_completion_length,
+        "split": args.split,
+        "max_prompts": args.max_prompts,
+        "save_steps": args.save_steps,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": not args.no_progress,
+    }
+    if args.steps < 1 or args.num_generations < 2 or args.prompts_per_step < 1:
+        raise TrainingError("--steps and --prompts-per-step must be >= 1, --num-generations >= 2")
+    return settings
+
+
+def _backbone(args: argparse.Namespace) -> int:
+    from training.backbone import BackboneTrainConfig, train_backbone
+
+    rewards = parse_names(args.rewards)
+    if args.weights:
+        weights = parse_floats(args.weights, "--weights")
+    elif len(rewards) == 1:
+        weights = [1.0]
+    else:
+        raise TrainingError("--weights: give one weight per reward (w_i of Eq. 11)")
+    config = BackboneTrainConfig(
+        base=args.base, rewards=rewards, weights=weights, out=args.out, **_rl_settings(args)
+    )
+    result = train_backbone(config)
+    means = ", ".join(f"{k}={v:.4f}" for k, v in result.reward_means.items())
+    resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+    print(f"trained backbone: {result.global_step} steps{resumed}; reward means: {means}")
+    print(f"adapter: {result.adapter_dir}")
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from model_store.validate import check_store
+    from training.backbone import train_backbone_store
+
+    rewards = parse_names(args.rewards)
+    store = train_backbone_store(
+        args.base,
+        rewards,
+        args.beta,
+        args.store,
+        work=args.work,
+        copy_base=args.copy_base,
+        **_rl_settings(args),
+    )
+    checked = check_store(store)
+    print(f"wrote store {checked.root}: {len(rewards)} backbones, beta={args.beta}")
+    return 0
+
+
+def _value(args: argparse.Namespace) -> int:
+    from training.sampling import SamplingSettings
+    from training.value import ValueTrainConfig, train_value_model
+
+    if args.epochs < 1 or args.batch_size < 1 or args.samples_per_prompt < 1:
+        raise TrainingError("--epochs, --batch-size and --samples-per-prompt must be >= 1")
+    config = ValueTrainConfig(
+        base=args.base,
+        objective=args.objective,
+        out=args.out,
+        max_train_prompts=args.max_prompts,
+        max_val_prompts=args.max_val_prompts,
+        sampling=SamplingSettings(
+            samples_per_prompt=args.samples_per_prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+        ),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        rank=args.rank,
+        lora_alpha=args.lora_alpha,
+        targets=tuple(parse_names(args.targets)),
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    result = train_value_model(config)
+    m = result.metrics
+    print(
+        f"value model for {args.objective!r}: train MSE {m['initial_train_mse']:.4f} -> "
+        f"{m['final_train_mse']:.4f}"
+    )
+    if m["validation"]:
+        print("validation: " + json.dumps(m["validation"]))
+    print(f"adapter: {result.adapter_dir}\nhead: {result.head_path}")
+    return 0
+
+
+def _common(parser: argparse.ArgumentParser, lr: float) -> None:
+    parser.add_argument("--base", type=Path, required=True, help="HF model folder (the SFT base)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _rl_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--rewards", required=True, help="comma-separated reward specs r_j")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
+    parser.add_argument("--kl", type=float, default=0.05, help="KL coefficient eta of Eq. (11)")
+    parser.add_argument("--prompts-per-step", type=int, default=2)
+    parser.add_argument("--num-generations", type=int, default=4, help="GRPO group size")
+    parser.add_argument("--max-completion-length", type=int, default=32)
+    parser.add_argument("--split", default="train", help="prompt split")
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--save-steps", type=int, default=25, help="checkpoint every N steps")
+
+
+def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train {backbone,backbones,value}`` on a `mage` subparsers object."""
+    train = subparsers.add_parser("train", help="train backbones and value models (Stage 1/2)")
+    sub = train.add_subparsers(dest="train_command", required=True)
+
+    one = sub.add_parser("backbone", help="one backbone on h = sum_j w_j r_j with KL (Eq. 11)")
+    _common(one, 1e-4)
+    _rl_options(one)
+    one.add_argument("--weights", help="comma-separated w_j, one per reward, summing to 1")
+    one.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    one.set_defaults(func=lambda a: _run("backbone", _backbone, a))
+
+    many = sub.add_parser("backbones", help="all n backbones of the circulant B into a store")
+    _common(many, 1e-4)
+    _rl_options(many)
+    many.add_argument("--beta", type=float, default=0.7, help="dominant weight of B (Eq. 12)")
+    many.add_argument("--store", type=Path, required=True, help="store folder to write")
+    many.add_argument("--work", type=Path, default=None, help="checkpoints (default STORE-work)")
+    many.add_argument("--copy-base", action="store_true", help="copy the base into STORE/base")
+    many.set_defaults(func=lambda a: _run("backbones", _backbones, a))
+
+    value = sub.add_parser("value", help="explicit value model for one objective (Eq. 16)")
+    _common(value, 1e-4)
+    value.add_argument("--objective", required=True, help="reward spec whose return V predicts")
+    value.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    value.add_argument("--epochs", type=int, default=3)
+    value.add_argument("--batch-size", type=int, default=4)
+    value.add_argument("--samples-per-prompt", type=int, default=4, help="1 greedy + N-1 sampled")
+    value.add_argument("--max-new-tokens", type=int, default=32)
+    value.add_argument("--temperature", type=float, default=1.0)
+    value.add_argument("--max-prompts", type=int, default=None, help="train prompts to use")
+    value.add_argument("--max-val-prompts", type=int, default=None)
+    value.set_defaults(func=lambda a: _run("value", _value, a))
+    return train

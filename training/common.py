@@ -1,0 +1,100 @@
+"""Helpers shared by the training scripts: loading the base, formatting prompts, seeding."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from training.prompts import load_prompts
+
+
+class TrainingError(Exception):
+    """A training run cannot start or continue; the message names the file/setting at fault."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def check_base(path: Path) -> Path:
+    """The base model folder, after checking it looks like a local HF causal-LM folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise TrainingError(f"{path}: base model folder does not exist")
+    if not (path / "config.json").is_file():
+        raise TrainingError(f"{path / 'config.json'}: missing (not a Hugging Face model folder)")
+    if not list(path.glob("*.safetensors")):
+        raise TrainingError(f"{path}: no *.safetensors weights (pickle weights are never loaded)")
+    return path
+
+
+def load_base(path: Path, device: torch.device | None = None) -> tuple[PreTrainedModel, object]:
+    """Load the base (fp32, eval mode, offline) and its tokenizer; pad token defaults to EOS."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = check_base(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), local_files_only=True, use_safetensors=True, dtype=torch.float32
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{path}: cannot load model/tokenizer ({exc})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def has_chat_template(tokenizer: object) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompt(tokenizer: object, prompt: str) -> list[int]:
+    """Prompt token ids exactly as the server builds them (server/translate.py): the chat
+    template with a generation prompt when the tokenizer has one, else the raw text."""
+    if has_chat_template(tokenizer):
+        ids = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])  # type: ignore[operator]
+
+
+def prompt_texts(split: str, limit: int | None = None) -> list[str]:
+    """The prompt strings of a split of the project's prompt set, optionally the first `limit`."""
+    try:
+        records = load_prompts(split)
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"prompt split {split!r}: {exc}") from None
+    texts = [r["prompt"] for r in records]
+    return texts[:limit] if limit else texts
+
+
+def parse_floats(text: str, what: str) -> list[float]:
+    """'0.7,0.3' -> [0.7, 0.3]; TrainingError naming `what` when malformed."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise TrainingError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def parse_names(text: str) -> list[str]:
+    """'relevance, positivity' -> ['relevance', 'positivity']."""
+    return [v.strip() for v in text.split(",") if v.strip()]
