@@ -185,6 +185,53 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from evaluation.run import EvalConfig
+    from evaluation.tune import tune_alpha, tune_beta
+    from training.common import TrainingError
+    from training.rewards import RewardError
+
+    grid = [float(v) for v in args.grid.split(",")]
+    prefs = tuple(tuple(float(v) for v in p.split(",")) for p in args.preferences.split(";"))
+    rewards = tuple(args.rewards.split(",")) if args.rewards else None
+    try:
+        if args.tune_command == "alpha":
+            cfg = EvalConfig(
+                args.store,
+                Path("."),
+                ("bone-soup",),
+                prefs,
+                args.split,
+                args.limit,
+                1.0,
+                args.max_new_tokens,
+                rewards,
+            )
+            result = tune_alpha(cfg, grid, write=args.write)
+        else:
+            if not rewards:
+                raise ValueError("--rewards is required for beta tuning")
+            cfg = EvalConfig(
+                Path("."),
+                Path("."),
+                ("bone-soup",),
+                prefs,
+                args.split,
+                args.limit,
+                1.0,
+                args.max_new_tokens,
+                None,
+            )
+            result = tune_beta(
+                cfg, args.base, list(rewards), grid, args.work, steps=args.steps, seed=args.seed
+            )
+    except (StoreError, RewardError, TrainingError, ValueError) as exc:
+        print(f"mage tune {args.tune_command}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))  # one line, last: training logs may precede it
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mage", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -239,6 +286,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gamma", type=float, default=1.0)
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.set_defaults(func=_eval)
+    tune = sub.add_parser("tune", help="choose alpha (Eq. 13) or beta (Eq. 12) by hypervolume")
+    tune_sub = tune.add_subparsers(dest="tune_command", required=True)
+    for name, grid in (("alpha", "0.1,0.2,0.3,0.4,0.5"), ("beta", "0.6,0.7,0.8")):
+        cmd = tune_sub.add_parser(name)
+        cmd.add_argument("--grid", default=grid, help=f"values to try (default {grid})")
+        cmd.add_argument("--preferences", default="1,0;0.75,0.25;0.5,0.5;0.25,0.75;0,1")
+        cmd.add_argument("--rewards", default=None, help="reward spec per objective")
+        cmd.add_argument("--split", default="validation")
+        cmd.add_argument("--limit", type=int, default=8)
+        cmd.add_argument("--max-new-tokens", type=int, default=32)
+        cmd.set_defaults(func=_tune)
+        if name == "alpha":
+            cmd.add_argument("--store", type=Path, required=True)
+            cmd.add_argument("--write", action="store_true", help="write the chosen alpha")
+        else:
+            cmd.add_argument("--base", type=Path, required=True, help="HF base model folder")
+            cmd.add_argument("--work", type=Path, required=True, help="folder for the trial stores")
+            cmd.add_argument("--steps", type=int, default=20, help="steps per backbone (short)")
+            cmd.add_argument("--seed", type=int, default=0)
     from training.cli import add_train_commands
 
     add_train_commands(sub)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from cli.main import main as mage
 from evaluation.run import preference_sweep
 
@@ -65,3 +67,60 @@ def test_eval_rejects_unknown_method(tiny_store, tmp_path, capsys):
         == 2
     )
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_tune_alpha_picks_by_hypervolume_and_writes(store_copy, capsys):
+    from model_store.validate import check_store
+
+    args = [
+        "tune",
+        "alpha",
+        "--store",
+        str(store_copy),
+        "--grid",
+        "0.0,0.5",
+        "--preferences",
+        "1,0;0,1",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--rewards",
+        "tests.test_eval:response_length,tests.test_eval:vowel_share",
+        "--write",
+    ]
+    assert mage(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["hypervolume"]) == {"0.0", "0.5"}
+    best = max(result["hypervolume"], key=result["hypervolume"].get)
+    assert result["chosen_alpha"] == float(best)
+    assert check_store(store_copy).manifest.alpha == float(best)  # checksums rewritten too
+
+
+def test_tune_beta_trains_short_runs_and_compares(tiny_store, tmp_path, capsys):
+    pytest.importorskip("trl")
+    args = [
+        "tune",
+        "beta",
+        "--base",
+        str(tiny_store / "base"),
+        "--work",
+        str(tmp_path / "w"),
+        "--grid",
+        "0.6,0.8",
+        "--steps",
+        "1",
+        "--preferences",
+        "1,0;0,1",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--rewards",
+        "tests.test_eval:response_length,tests.test_eval:vowel_share",
+    ]
+    assert mage(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["hypervolume"]) == {"0.6", "0.8"}
+    assert result["chosen_beta"] in (0.6, 0.8)
+    assert (tmp_path / "w/beta-0.8/mage_store.json").is_file()
