@@ -38,13 +38,20 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _validate(args: argparse.Namespace) -> int:
+def _checked_store(path: Path):
+    """The checked store, or None after printing the file and the problem."""
     from model_store.validate import check_store
 
     try:
-        checked = check_store(args.path)
+        return check_store(path)
     except StoreError as exc:
         print(f"invalid store: {exc}", file=sys.stderr)
+        return None
+
+
+def _validate(args: argparse.Namespace) -> int:
+    checked = _checked_store(args.path)
+    if checked is None:
         return 1
     print(
         f"ok: {checked.root} ({len(checked.manifest.objectives)} objectives, "
@@ -55,12 +62,10 @@ def _validate(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from model_store.adapters import load_lora_adapter
-    from model_store.validate import check_store, resolve
+    from model_store.validate import resolve
 
-    try:
-        checked = check_store(args.path)
-    except StoreError as exc:
-        print(f"invalid store: {exc}", file=sys.stderr)
+    checked = _checked_store(args.path)
+    if checked is None:
         return 1
     m = checked.manifest
     print(f"store      {m.name}  ({checked.root})")

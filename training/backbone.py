@@ -28,6 +28,7 @@ from pathlib import Path
 from training.common import (
     TrainingError,
     check_base,
+    guard_run_settings,
     has_chat_template,
     load_base,
     pick_device,
@@ -131,18 +132,7 @@ def _check_run_file(config: BackboneTrainConfig, out: Path) -> None:
         "weights": [float(w) for w in config.weights],
         "lora": [config.rank, config.lora_alpha, list(config.targets)],
     }
-    path = out / "run.json"
-    if path.is_file():
-        found = json.loads(path.read_text())
-        changed = [k for k in wanted if found.get(k) != wanted[k]]
-        if changed:
-            raise TrainingError(
-                f"{path}: this output folder was started with other settings "
-                f"({', '.join(changed)}); use a new output folder or delete this one"
-            )
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+    guard_run_settings(out, wanted)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:

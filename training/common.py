@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -98,3 +99,19 @@ def parse_floats(text: str, what: str) -> list[float]:
 def parse_names(text: str) -> list[str]:
     """'relevance, positivity' -> ['relevance', 'positivity']."""
     return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def guard_run_settings(out: Path, wanted: dict) -> None:
+    """Refuse to resume an output folder started with other settings; record them if new."""
+    path = out / "run.json"
+    if path.is_file():
+        found = json.loads(path.read_text())
+        changed = [k for k in wanted if found.get(k) != wanted[k]]
+        if changed:
+            raise TrainingError(
+                f"{path}: this output folder was started with other settings "
+                f"({', '.join(changed)}); use a new output folder or delete this one"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(wanted, indent=2) + "\n")

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from guidance.value_head import ValueHead, load_value_head, save_value_head
 from training.common import (
     TrainingError,
+    guard_run_settings,
     load_base,
     pick_device,
     prompt_texts,
@@ -50,7 +51,6 @@ from training.sampling import (
     score_samples,
 )
 
-RUN_FILE = "run.json"
 _RUN_KEYS = (  # settings a resumed run must share (the sample caches depend on them)
     "base",
     "objective",
@@ -235,18 +235,7 @@ def _check_run_file(config: ValueTrainConfig) -> None:
     """Refuse to resume an output folder that was started with other settings."""
     wanted = {k: str(v) for k, v in asdict(config).items() if k in _RUN_KEYS}
     wanted["base"] = str(Path(config.base).resolve())
-    path = config.out / RUN_FILE
-    if path.is_file():
-        found = json.loads(path.read_text())
-        changed = [k for k in _RUN_KEYS if found.get(k) != wanted[k]]
-        if changed:
-            raise TrainingError(
-                f"{path}: this output folder was started with other settings "
-                f"({', '.join(changed)}); use a new --out folder or delete this one"
-            )
-    else:
-        config.out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+    guard_run_settings(config.out, wanted)
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
