@@ -138,10 +138,15 @@ def _build_random(args: argparse.Namespace) -> int:
 
 
 def _build_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from training.common import TrainingError
     from training.demo import DemoSettings, build_demo, quick
 
-    settings = quick(DemoSettings()) if args.quick else DemoSettings()
+    settings = DemoSettings()
+    if args.backbone_steps:
+        settings = replace(settings, backbone_steps=args.backbone_steps)
+    settings = quick(settings) if args.quick else settings
     work = args.work or args.out.with_name(args.out.name + "-work")
     try:
         root = build_demo(args.out.resolve(), work.resolve(), settings)
@@ -275,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo/store"))
     demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    demo.add_argument(
+        "--backbone-steps",
+        type=int,
+        default=None,
+        help="GRPO steps per backbone (default 56; more steps resume training)",
+    )
     demo.set_defaults(func=_build_demo)
     ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")
     ev.add_argument("--store", type=Path, required=True)

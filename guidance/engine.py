@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers.generation.logits_process import LogitsProcessorList
 
 from guidance.detokenize import IncrementalDetokenizer
 from guidance.forward import KVState, forward_plan, guidance_term
@@ -46,15 +47,20 @@ class Sequence:
 
     handle: RequestHandle
     plan: DecodePlan
+    """Rows and weights for this request's preference and mode (shared via the cache)."""
     cache_hit: bool
+    """Whether the plan came from the merge cache (reported in details)."""
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    """The request's own RNG when sampling."""
     seed: int | None
     ids: list[int]
+    """Prompt then generated token ids."""
+    warpers: LogitsProcessorList
+    """Temperature / top-k / top-p, applied after guidance."""
     kv: KVState = field(default_factory=KVState)
     generated: int = 0
     last_token_at: float = 0.0
-    warpers: object = None
 
     @property
     def request(self) -> GenerationRequest:

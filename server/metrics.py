@@ -41,6 +41,7 @@ class Metrics(EngineObserver):
             registry=r,
         )
         self.generated = Counter("mage_generated_tokens", "Tokens generated.", registry=r)
+        # Read from the engine's queue at scrape time (ServingState.start sets the function).
         self.queue_size = Gauge("mage_queue_size", "Requests waiting.", registry=r)
         self.running = Gauge("mage_running_requests", "Requests being decoded.", registry=r)
         self.cache_hits = Counter("mage_merge_cache_hits", "Merge-cache hits.", registry=r)
@@ -57,9 +58,6 @@ class Metrics(EngineObserver):
         self.ready = Gauge("mage_ready", "1 once the store is loaded.", registry=r)
 
     # EngineObserver hooks (called on the engine thread; prometheus_client is thread-safe)
-    def queued(self, size: int) -> None:
-        self.queue_size.set(size)
-
     def admitted(self, queue_seconds: float, running: int) -> None:
         self.queue_time.observe(queue_seconds)
         self.running.set(running)
