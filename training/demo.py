@@ -39,7 +39,7 @@ class DemoSettings:
     """Validation prompts for the value models."""
     value_epochs: int = 2
     """Epochs of Eq. (16) regression."""
-    backbone_steps: int = 24
+    backbone_steps: int = 56
     """GRPO steps per backbone."""
     backbone_lr: float = 3e-4
     """Backbone LoRA learning rate."""
