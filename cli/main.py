@@ -157,6 +157,11 @@ def _build_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_preferences(text: str) -> tuple[tuple[float, ...], ...]:
+    """'1,0;0.5,0.5' -> ((1.0, 0.0), (0.5, 0.5)); ValueError on a non-number."""
+    return tuple(tuple(float(v) for v in part.split(",")) for part in text.split(";"))
+
+
 def _eval(args: argparse.Namespace) -> int:
     from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
     from model_store.validate import check_store
@@ -169,11 +174,7 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     try:
         n = len(check_store(args.store).manifest.objectives)
-        prefs = (
-            tuple(tuple(float(v) for v in p.split(",")) for p in args.preferences.split(";"))
-            if args.preferences
-            else preference_sweep(n)
-        )
+        prefs = parse_preferences(args.preferences) if args.preferences else preference_sweep(n)
         rewards = tuple(args.rewards.split(",")) if args.rewards else None
         config = EvalConfig(
             args.store,
@@ -202,36 +203,26 @@ def _tune(args: argparse.Namespace) -> int:
     from training.rewards import RewardError
 
     grid = [float(v) for v in args.grid.split(",")]
-    prefs = tuple(tuple(float(v) for v in p.split(",")) for p in args.preferences.split(";"))
     rewards = tuple(args.rewards.split(",")) if args.rewards else None
     try:
+        prefs = parse_preferences(args.preferences)
+        store = args.store if args.tune_command == "alpha" else Path(".")
+        cfg = EvalConfig(
+            store,
+            Path("."),
+            ("bone-soup",),
+            prefs,
+            args.split,
+            args.limit,
+            1.0,
+            args.max_new_tokens,
+            rewards,
+        )
         if args.tune_command == "alpha":
-            cfg = EvalConfig(
-                args.store,
-                Path("."),
-                ("bone-soup",),
-                prefs,
-                args.split,
-                args.limit,
-                1.0,
-                args.max_new_tokens,
-                rewards,
-            )
             result = tune_alpha(cfg, grid, write=args.write)
         else:
             if not rewards:
                 raise ValueError("--rewards is required for beta tuning")
-            cfg = EvalConfig(
-                Path("."),
-                Path("."),
-                ("bone-soup",),
-                prefs,
-                args.split,
-                args.limit,
-                1.0,
-                args.max_new_tokens,
-                None,
-            )
             result = tune_beta(
                 cfg, args.base, list(rewards), grid, args.work, steps=args.steps, seed=args.seed
             )
