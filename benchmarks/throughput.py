@@ -13,10 +13,12 @@ import time
 import torch
 
 from guidance.engine import Engine
-from guidance.requests import GenerationRequest, RequestHandle, SamplingParams
+from guidance.plan import build_plan
+from guidance.requests import GenerationRequest, SamplingParams
 from model_store.loader import load_store
+from training.common import encode_prompt
 
-PROMPT = [{"role": "user", "content": "Give me three tips for sleeping better."}]
+PROMPT = "Give me three tips for sleeping better."
 
 
 def run_once(engine: Engine, ids: list[int], mode: str, tokens: int) -> tuple[float, float, int]:
@@ -26,12 +28,8 @@ def run_once(engine: Engine, ids: list[int], mode: str, tokens: int) -> tuple[fl
     )
     request = GenerationRequest("bench", tuple(ids), mu, mode, 1.0, SamplingParams(), tokens)
     stamps: list[float] = []
-    engine.submit(
-        RequestHandle(request, lambda e: stamps.append(time.perf_counter()), time.monotonic())
-    )
     start = time.perf_counter()
-    while len(stamps) < tokens and (engine.running or engine.queue_size):
-        engine.step()
+    engine.run_to_completion(request, lambda e: stamps.append(time.perf_counter()))
     ttft = stamps[0] - start
     decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
     return ttft, decode, len(stamps)
@@ -49,8 +47,8 @@ def main() -> None:
     args = parser.parse_args()
     store = load_store(args.store, args.device, "auto")
     engine = Engine(store)
-    ids = store.tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    ids = encode_prompt(store.tokenizer, PROMPT)  # the chat template, as the server applies it
+    mu = torch.full((store.n_objectives,), 1.0 / store.n_objectives, dtype=torch.float64)
     run_once(engine, ids, "none", 4)  # warm-up
     results = {}
     print(f"{'mode':<20}{'rows':>5}{'TTFT s':>9}{'decode tok/s':>14}{'tokens':>8}")
@@ -58,8 +56,7 @@ def main() -> None:
         runs = [run_once(engine, ids, mode, args.tokens) for _ in range(args.repeats)]
         ttft = min(r[0] for r in runs)
         decode = max(r[1] for r in runs)
-        rows = engine.plans.get_or_build((mode, "bone-soup", (0.5, 0.5)), lambda: (None, 0))[0]
-        nrows = rows.coefficients.shape[0] if rows is not None else 0
+        nrows = build_plan(store, mode, mu, "bone-soup").coefficients.shape[0]
         results[mode] = {"ttft_s": round(ttft, 4), "decode_tokens_per_s": round(decode, 2)}
         print(f"{mode:<20}{nrows:>5}{ttft:>9.3f}{decode:>14.2f}{runs[0][2]:>8}")
     print(

@@ -16,8 +16,9 @@ import torch
 
 from evaluation.metrics import default_reference_point, summarise_front
 from guidance.engine import Engine
-from guidance.requests import ErrorEvent, GenerationRequest, RequestHandle, SamplingParams
+from guidance.requests import ErrorEvent, GenerationRequest, SamplingParams
 from model_store.loader import LoadedStore, load_store
+from training.common import encode_prompt
 from training.prompts import load_prompts
 from training.rewards import get_reward
 
@@ -85,20 +86,14 @@ def _generate(engine: Engine, ids: list[int], mu, method: str, cfg: EvalConfig) 
         cfg.max_new_tokens,
         merge_method=merge,
     )
-    events: list = []
-    engine.submit(RequestHandle(request, events.append, time.monotonic()))
-    while not events or (not isinstance(events[-1], ErrorEvent) and events[-1].details is None):
-        engine.step()
+    events = engine.run_to_completion(request)
     if isinstance(events[-1], ErrorEvent):
         raise RuntimeError(events[-1].message)
     return events[-1].generated_text or ""
 
 
 def _prompt_ids(store: LoadedStore, prompt: str) -> list[int]:
-    ids = store.tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-    )
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return encode_prompt(store.tokenizer, prompt)  # exactly as the server encodes a chat
 
 
 def run_eval(cfg: EvalConfig, progress=print) -> dict:

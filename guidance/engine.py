@@ -10,6 +10,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +19,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from guidance.detokenize import IncrementalDetokenizer
 from guidance.forward import KVState, forward_plan, guidance_term
 from guidance.plan import DecodePlan, build_plan, round_preference
-from guidance.requests import ErrorEvent, GenerationRequest, RequestHandle, TokenEvent
+from guidance.requests import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
 from guidance.sampling import build_warpers, choose_token, guided_scores
 from merging.cache import MergeCache
 from model_store.loader import LoadedStore
@@ -113,6 +114,23 @@ class Engine:
         except queue.Full:
             raise QueueFullError(f"queue is full ({self.waiting.maxsize} waiting)") from None
         self.observer.queued(self.waiting.qsize())
+
+    def run_to_completion(
+        self, request: GenerationRequest, on_event: Callable[[Event], None] | None = None
+    ) -> list[Event]:
+        """Offline use (evaluation, benchmarks, tests), with the engine thread not started:
+        submit one request and step until its last event; returns every event."""
+        events: list[Event] = []
+
+        def record(event: Event) -> None:
+            events.append(event)
+            if on_event is not None:
+                on_event(event)
+
+        self.submit(RequestHandle(request, record, time.monotonic()))
+        while not events or (isinstance(events[-1], TokenEvent) and events[-1].details is None):
+            self.step()
+        return events
 
     def _loop(self) -> None:
         while not self._stop.is_set():

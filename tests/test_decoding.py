@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 from peft import PeftModel
@@ -14,7 +12,6 @@ from guidance.engine import Engine
 from guidance.requests import (
     ErrorEvent,
     GenerationRequest,
-    RequestHandle,
     SamplingParams,
     TokenEvent,
 )
@@ -47,13 +44,9 @@ def generate(
         tuple(stop),
         merge_method=method,
     )
-    events: list = []
-    engine.submit(RequestHandle(request, events.append, time.monotonic()))
-    for _ in range(max_new + 2):
-        engine.step()
-        if events and (isinstance(events[-1], ErrorEvent) or events[-1].details is not None):
-            return events[:-1], events[-1]
-    raise AssertionError("generation did not finish")
+    events = engine.run_to_completion(request)
+    assert len(events) <= max_new
+    return events[:-1], events[-1]
 
 
 def token_ids(engine, *args, **kwargs) -> list[int]:
