@@ -164,6 +164,7 @@ def parse_preferences(text: str) -> tuple[tuple[float, ...], ...]:
 
 def _eval(args: argparse.Namespace) -> int:
     from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
+    from guidance.batch import BeamSettings
     from model_store.validate import check_store
     from training.rewards import RewardError
 
@@ -176,6 +177,9 @@ def _eval(args: argparse.Namespace) -> int:
         n = len(check_store(args.store).manifest.objectives)
         prefs = parse_preferences(args.preferences) if args.preferences else preference_sweep(n)
         rewards = tuple(args.rewards.split(",")) if args.rewards else None
+        for name in ("batch_size", "beam_width", "beam_expansion", "beam_interval"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         config = EvalConfig(
             args.store,
             args.out,
@@ -186,6 +190,8 @@ def _eval(args: argparse.Namespace) -> int:
             args.gamma,
             args.max_new_tokens,
             rewards,
+            args.batch_size,
+            BeamSettings(args.beam_width, args.beam_expansion, args.beam_interval),
         )
         results = run_eval(config)
     except (StoreError, RewardError, ValueError) as exc:
@@ -292,6 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="first N prompts")
     ev.add_argument("--gamma", type=float, default=1.0)
     ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
+    ev.add_argument("--beam-width", type=int, default=4, help="beam: b (beams kept)")
+    ev.add_argument("--beam-expansion", type=int, default=1, help="beam: c (samples per beam)")
+    ev.add_argument("--beam-interval", type=int, default=10, help="beam: l (tokens per chunk)")
     ev.set_defaults(func=_eval)
     tune = sub.add_parser("tune", help="choose alpha (Eq. 13) or beta (Eq. 12) by hypervolume")
     tune_sub = tune.add_subparsers(dest="tune_command", required=True)

@@ -1,36 +1,33 @@
 """`mage eval`: generate for test prompts under preference sweeps, score, summarise.
 
-Generations run in-process through the serving engine (same code path as the server), one
-cached JSON line per (method, preference, prompt), so an interrupted run resumes.
+Generations run in-process through the serving code's plans, many prompts per forward
+(guidance.batch), one cached JSON line per (method, preference, prompt) so an interrupted
+run resumes. Each line keeps its share of the batch's seconds and its token count, so the
+runtime per generated token of each method (Figure 11) survives resumes too.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+from tqdm import tqdm
 
+from evaluation.methods import METHODS, decode, generate_batch
 from evaluation.metrics import default_reference_point, summarise_front
+from evaluation.plot import plot_fronts
+from evaluation.resources import PeakMemory
+from guidance.batch import BeamSettings
 from guidance.engine import Engine
-from guidance.requests import ErrorEvent, GenerationRequest, SamplingParams
 from model_store.loader import LoadedStore, load_store
 from training.common import encode_prompt
 from training.prompts import load_prompts
 from training.rewards import get_reward
 
-# method -> (merge method for the policy, guidance mode); Table 2's names.
-METHODS: dict[str, tuple[str, str]] = {
-    "bone-soup": ("bone-soup", "none"),
-    "direct": ("direct", "none"),
-    "mage-e": ("bone-soup", "explicit-ensemble"),
-    "mage-e-m": ("bone-soup", "explicit"),
-    "mage-i": ("bone-soup", "implicit-ensemble"),
-    "mage-i-m": ("bone-soup", "implicit"),
-}
+__all__ = ["METHODS", "EvalConfig", "preference_sweep", "run_eval"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +37,9 @@ class EvalConfig:
     store: Path
     """Store to evaluate."""
     out: Path
-    """Output folder (generations cache, results.json, table.md)."""
+    """Output folder (generations cache, results.json, table.md, fronts.png)."""
     methods: tuple[str, ...]
-    """Keys of METHODS."""
+    """Keys of evaluation.methods.METHODS."""
     preferences: tuple[tuple[float, ...], ...]
     """The preference sweep."""
     split: str = "test"
@@ -55,6 +52,10 @@ class EvalConfig:
     """Tokens per response (greedy)."""
     rewards: tuple[str, ...] | None = None
     """Reward spec per objective (training.rewards); default: the objective names."""
+    batch_size: int = 16
+    """Prompts per forward pass."""
+    beam: BeamSettings = field(default_factory=BeamSettings)
+    """b, c, l of the `beam` method."""
 
 
 def preference_sweep(n_objectives: int, steps: int = 10) -> tuple[tuple[float, ...], ...]:
@@ -74,68 +75,100 @@ def preference_sweep(n_objectives: int, steps: int = 10) -> tuple[tuple[float, .
     return tuple(grid)
 
 
-def _generate(engine: Engine, ids: list[int], mu, method: str, cfg: EvalConfig) -> str:
-    merge, mode = METHODS[method]
-    request = GenerationRequest(
-        f"eval-{method}",
-        tuple(ids),
-        torch.tensor(mu, dtype=torch.float64),
-        mode,
-        cfg.gamma,
-        SamplingParams(),
-        cfg.max_new_tokens,
-        merge_method=merge,
+def generate_texts(
+    store: LoadedStore, method: str, mu, ids: list[list[int]], cfg: EvalConfig, eos: set[int]
+) -> list[tuple[str, int]]:
+    """(response, generated tokens) per prompt, in batches of cfg.batch_size."""
+    out: list[tuple[str, int]] = []
+    for first in range(0, len(ids), cfg.batch_size):
+        chunk = ids[first : first + cfg.batch_size]
+        for tokens in generate_batch(
+            store, method, tuple(mu), chunk, cfg.max_new_tokens, cfg.gamma, eos, cfg.beam
+        ):
+            out.append((decode(store, tokens), len(tokens)))
+    return out
+
+
+def _read_cache(path: Path) -> dict:
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[(row["method"], tuple(row["preference"]), row["id"])] = row
+    return done
+
+
+def _generate_all(cfg, store, prompts, done, cache, progress) -> dict[str, dict]:
+    """Fill the cache; returns the peak memory of each method that generated anything."""
+    eos = Engine(store).eos_ids
+    ids = {p["id"]: encode_prompt(store.tokenizer, p["prompt"]) for p in prompts}
+    total = sum(
+        (m, tuple(mu), p["id"]) not in done
+        for m in cfg.methods
+        for mu in cfg.preferences
+        for p in prompts
     )
-    events = engine.run_to_completion(request)
-    if isinstance(events[-1], ErrorEvent):
-        raise RuntimeError(events[-1].message)
-    return events[-1].generated_text or ""
-
-
-def _prompt_ids(store: LoadedStore, prompt: str) -> list[int]:
-    return encode_prompt(store.tokenizer, prompt)  # exactly as the server encodes a chat
+    memory: dict[str, dict] = {}
+    bar = tqdm(total=total, desc="generating", unit="resp", disable=total == 0)
+    for method in cfg.methods:
+        with PeakMemory(store.device) as peak:
+            generated = 0
+            for mu in cfg.preferences:
+                todo = [p for p in prompts if (method, tuple(mu), p["id"]) not in done]
+                for first in range(0, len(todo), cfg.batch_size):
+                    chunk = todo[first : first + cfg.batch_size]
+                    t0 = time.perf_counter()
+                    texts = generate_texts(
+                        store, method, mu, [ids[p["id"]] for p in chunk], cfg, eos
+                    )
+                    share = (time.perf_counter() - t0) / len(chunk)
+                    for p, (text, tokens) in zip(chunk, texts, strict=True):
+                        row = {
+                            "method": method,
+                            "preference": list(mu),
+                            "id": p["id"],
+                            "prompt": p["prompt"],
+                            "response": text,
+                            "tokens": tokens,
+                            "seconds": round(share, 4),
+                        }
+                        cache.write(json.dumps(row) + "\n")
+                        done[(method, tuple(mu), p["id"])] = row
+                    cache.flush()
+                    generated += len(chunk)
+                    bar.update(len(chunk))
+        if generated:
+            memory[method] = {"peak_mib": peak.mib, "measure": peak.kind}
+            progress(f"{method}: {generated} responses, peak {peak.mib} MiB ({peak.kind})")
+    bar.close()
+    return memory
 
 
 def run_eval(cfg: EvalConfig, progress=print) -> dict:
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
     store = load_store(cfg.store)
-    engine = Engine(store)
-    prompts = load_prompts(cfg.split)[: cfg.limit]
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    cache_path = cfg.out / "generations.jsonl"
-    done = {}
-    if cache_path.is_file():
-        for line in cache_path.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["method"], tuple(row["preference"]), row["id"])] = row
-    started = time.monotonic()
-    with cache_path.open("a") as cache:
-        for method in cfg.methods:
-            for mu in cfg.preferences:
-                todo = [p for p in prompts if (method, tuple(mu), p["id"]) not in done]
-                t0 = time.monotonic()
-                for p in todo:
-                    text = _generate(engine, _prompt_ids(store, p["prompt"]), mu, method, cfg)
-                    row = {
-                        "method": method,
-                        "preference": list(mu),
-                        "id": p["id"],
-                        "prompt": p["prompt"],
-                        "response": text,
-                    }
-                    cache.write(json.dumps(row) + "\n")
-                    cache.flush()
-                    done[(method, tuple(mu), p["id"])] = row
-                if todo:
-                    progress(
-                        f"{method} mu={mu}: {len(todo)} prompts in {time.monotonic() - t0:.0f}s"
-                    )
     specs = list(cfg.rewards or store.objectives)
     if len(specs) != store.n_objectives:
         raise ValueError(f"--rewards: {len(specs)} given for {store.n_objectives} objectives")
+    prompts = load_prompts(cfg.split)[: cfg.limit]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cache_path, memory_path = cfg.out / "generations.jsonl", cfg.out / "memory.json"
+    done = _read_cache(cache_path)
+    memory = json.loads(memory_path.read_text()) if memory_path.is_file() else {}
+    started = time.monotonic()
+    with cache_path.open("a") as cache:
+        memory.update(_generate_all(cfg, store, prompts, done, cache, progress))
+    memory_path.write_text(json.dumps(memory, indent=2) + "\n")
     results = score(cfg, store.objectives, specs, prompts, done)
+    for method in cfg.methods:
+        results["metrics"][method]["peak_mib"] = memory.get(method, {}).get("peak_mib")
+    results["device"] = str(store.device)
     results["seconds_generating"] = round(time.monotonic() - started)
     (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (cfg.out / "table.md").write_text(markdown_table(results))
+    plot_fronts(results, cfg.out / "fronts.png")
     return results
 
 
@@ -155,6 +188,11 @@ def score(
     reference = default_reference_point(*[np.array(v) for v in means.values()])
     prefs = np.array(cfg.preferences)
     summary = {m: summarise_front(np.array(v), prefs, reference) for m, v in means.items()}
+    for method in cfg.methods:  # Figure 11: seconds per generated token, batched as run
+        rows = [done[(method, tuple(mu), p["id"])] for mu in cfg.preferences for p in prompts]
+        tokens = sum(r.get("tokens", 0) for r in rows)
+        seconds = sum(r.get("seconds", 0.0) for r in rows)
+        summary[method]["ms_per_token"] = round(1000 * seconds / tokens, 3) if tokens else None
     return {
         "objectives": objectives,
         "preferences": [list(p) for p in cfg.preferences],
@@ -178,13 +216,18 @@ def markdown_table(results: dict) -> str:
             lines.append(f"| {method} | {tuple(mu)} | {values} |")
     lines += [
         "",
-        "| method | HV | inner product | sparsity | spacing | front | ctrl |",
-        "|---|---|---|---|---|---|---|",
+        "| method | HV | inner product | sparsity | spacing | front | ctrl | ms/token | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def opt(value, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
     for method, m in results["metrics"].items():
         lines.append(
             f"| {method} | {m['hv']:.4f} | {m['inner_product']:.4f} | "
             f"{m['sparsity']:.4f} | {m['spacing']:.4f} | {m['front_length']} | "
-            f"{m['controllability']:.3f} |"
+            f"{m['controllability']:.3f} | {opt(m.get('ms_per_token'), '.1f')} | "
+            f"{opt(m.get('peak_mib'), '.0f')} |"
         )
     return "\n".join(lines) + "\n"

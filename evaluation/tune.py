@@ -10,24 +10,25 @@ from pathlib import Path
 import numpy as np
 
 from evaluation.metrics import default_reference_point, hypervolume
-from evaluation.run import EvalConfig, _generate, _prompt_ids
+from evaluation.run import EvalConfig, generate_texts
 from guidance.engine import Engine
 from model_store.builder import write_manifest
 from model_store.loader import LoadedStore, load_store
 from model_store.manifest import MANIFEST_NAME
+from training.common import encode_prompt
 from training.prompts import load_prompts
 from training.rewards import get_reward
 
 
 def bone_soup_front(store: LoadedStore, cfg: EvalConfig, specs: list[str]) -> np.ndarray:
     """(len(preferences), n) mean rewards of Stage 1 alone over the config's prompts."""
-    engine = Engine(store)
+    eos = Engine(store).eos_ids
     prompts = load_prompts(cfg.split)[: cfg.limit]
-    ids = [_prompt_ids(store, p["prompt"]) for p in prompts]
+    ids = [encode_prompt(store.tokenizer, p["prompt"]) for p in prompts]
     texts = [p["prompt"] for p in prompts]
     rows = []
     for mu in cfg.preferences:
-        responses = [_generate(engine, i, mu, "bone-soup", cfg) for i in ids]
+        responses = [text for text, _ in generate_texts(store, "bone-soup", mu, ids, cfg, eos)]
         rows.append([float(np.mean(get_reward(s)(texts, responses))) for s in specs])
     return np.array(rows)
 

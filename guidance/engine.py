@@ -17,7 +17,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessorList
 
 from guidance.detokenize import IncrementalDetokenizer
-from guidance.forward import KVState, forward_plan, guidance_term
+from guidance.forward import KVState, forward_plan, guidance_term, policy_logprobs
 from guidance.plan import DecodePlan, build_plan, round_preference
 from guidance.requests import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
 from guidance.sampling import build_warpers, choose_token, guided_scores
@@ -153,7 +153,7 @@ class Engine:
                 )
                 out = forward_plan(self.store, seq.plan, new_ids, seq.kv)  # forward
                 scores = guided_scores(
-                    out.logprobs[seq.plan.policy_row],  # guide
+                    policy_logprobs(seq.plan, out),  # guide
                     guidance_term(seq.plan, out),
                     seq.request.gamma,
                 )

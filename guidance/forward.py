@@ -47,10 +47,7 @@ def forward_plan(
         )
     finally:
         store.coefficients.set(None)
-    lm_rows = sorted(
-        {plan.policy_row, *plan.pistar_rows}
-        | ({plan.reference_row} if plan.reference_row is not None else set())
-    )
+    lm_rows = plan.logprob_rows
     logits = model.get_output_embeddings()(hidden[lm_rows]).float()
     logprobs = {row: torch.log_softmax(logits[i], -1) for i, row in enumerate(lm_rows)}
     values: list[torch.Tensor] = []
@@ -67,6 +64,13 @@ def forward_plan(
         embedding = source.model.get_output_embeddings().weight
         values.append(source.head(own_hidden, embedding)[0].float())
     return RowOutputs(logprobs, values)
+
+
+def policy_logprobs(plan: DecodePlan, out: RowOutputs) -> torch.Tensor:
+    """log pi of the policy, (vocab,): the merged row, or MOD's sum_i mu_i log pi_i."""
+    if len(plan.policy_rows) == 1:
+        return out.logprobs[plan.policy_rows[0]]
+    return sum(w * out.logprobs[r] for w, r in zip(plan.policy_mix, plan.policy_rows, strict=True))
 
 
 def guidance_term(plan: DecodePlan, out: RowOutputs) -> torch.Tensor | None:

@@ -43,8 +43,11 @@ class DecodePlan:
     """lambda = B^-1 mu (float64), as reported to clients."""
     coefficients: torch.Tensor
     """(rows, adapter slots) in model dtype: the merged adapters of every shared row."""
-    policy_row: int
-    """Row whose logits are the Bone Soup policy (Eq. 6 + Eq. 13)."""
+    policy_rows: tuple[int, ...]
+    """Rows whose log-probabilities, weighted by `policy_mix`, form the policy: the one Bone
+    Soup row (Eq. 6 + Eq. 13), or one row per specialist for MOD's logit ensemble."""
+    policy_mix: torch.Tensor
+    """(len(policy_rows),): [1] for a merged policy; mu for MOD (sum_i mu_i log pi_i)."""
     reference_row: int | None
     """pi_ref (base) row, for implicit modes."""
     pistar_rows: tuple[int, ...]
@@ -54,6 +57,16 @@ class DecodePlan:
     mix: torch.Tensor
     """(len(pistar_rows) or len(values),) weights of the guidance terms: [1] when merged,
     mu for the ensembles (MAGE-E / MAGE-I)."""
+
+    @property
+    def rows(self) -> int:
+        return int(self.coefficients.shape[0])
+
+    @property
+    def logprob_rows(self) -> list[int]:
+        """Shared rows whose next-token log-probabilities the step needs."""
+        rows = {*self.policy_rows, *self.pistar_rows}
+        return sorted(rows | ({self.reference_row} if self.reference_row is not None else set()))
 
     def nbytes(self) -> int:
         total = self.coefficients.numel() * self.coefficients.element_size()
@@ -96,7 +109,7 @@ def _value_sources(store: LoadedStore, mode: str, mu: torch.Tensor, first_row: i
             else merge_heads(store.value_heads, w.tolist())
         )
         if store.value_kind == "lora":
-            row = torch.zeros(2 * n, dtype=torch.float64)
+            row = torch.zeros(store.slot_count, dtype=torch.float64)
             row[slots] = w  # Eq. (24): merged value adapter = sum_i mu_i Delta_i
             rows.append(row)
             sources.append(ValueSource(head=head, row=first_row + len(rows) - 1))
@@ -110,28 +123,73 @@ def _value_sources(store: LoadedStore, mode: str, mu: torch.Tensor, first_row: i
     return rows, sources
 
 
-def build_plan(store: LoadedStore, mode: str, mu: torch.Tensor, merge_method: str) -> DecodePlan:
+def _policy_adapter_slots(store: LoadedStore, adapters: str) -> list[int]:
+    """Slots a merge method's coefficients go to: the backbones, or the Rewarded-Soup
+    specialists (the backbones themselves when B = I)."""
+    if adapters == "backbones":
+        return store.backbone_slots
+    if store.specialist_slots:
+        return store.specialist_slots
     n = store.n_objectives
-    slots = 2 * n if store.value_kind == "lora" else n
-    matrix = store.checked.combination_matrix
-    alpha = store.checked.manifest.alpha
-    policy = torch.zeros(slots, dtype=torch.float64)
+    if torch.equal(store.checked.combination_matrix, torch.eye(n, dtype=torch.float64)):
+        return store.backbone_slots
+    raise ValueError(
+        "this store has no Rewarded-Soup specialists (manifest 'specialists', weights e_i) "
+        "and its backbones are not specialists (B != I)"
+    )
+
+
+def build_plan(
+    store: LoadedStore,
+    mode: str,
+    mu: torch.Tensor,
+    merge_method: str,
+    *,
+    policy: str = "merged",
+    pistar_merge: str | None = None,
+) -> DecodePlan:
+    """Rows for (mode, mu, merge method). `policy="logit-ensemble"` is MOD (Shi et al. 2024):
+    each of the method's adapters alone as a row, next token from sum_i mu_i log pi_i.
+    `pistar_merge` merges the implicit pi* with another method than the policy (Table 3's
+    MAGE-I-M' uses "direct": lambda = mu)."""
+    if policy not in ("merged", "logit-ensemble"):
+        raise ValueError(f"unknown policy {policy!r}: 'merged' or 'logit-ensemble'")
+    if policy == "logit-ensemble" and mode != "none":
+        raise ValueError("the logit-ensemble policy (MOD) takes no guidance: mode must be 'none'")
+    if pistar_merge is not None and mode != "implicit":
+        raise ValueError("pistar_merge applies to the merged implicit mode only")
+    n, slots = store.n_objectives, store.slot_count
+    matrix, alpha = store.checked.combination_matrix, store.checked.manifest.alpha
     method = get_merge_method(merge_method)
-    policy[:n] = method.coefficients(matrix, mu, alpha)
-    rows = [policy]
+    adapter_slots = _policy_adapter_slots(store, method.adapters)
+
+    def row(coefficients: torch.Tensor | None = None, on: list[int] | None = None) -> torch.Tensor:
+        out = torch.zeros(slots, dtype=torch.float64)
+        if coefficients is not None:
+            out[on if on is not None else adapter_slots] = coefficients
+        return out
+
+    if policy == "merged":
+        rows = [row(method.coefficients(matrix, mu, alpha))]
+        policy_rows, policy_mix = (0,), torch.ones(1, dtype=torch.float64)
+    else:  # MOD: pi_i alone in row i
+        rows = [row(torch.eye(n, dtype=torch.float64)[i]) for i in range(n)]
+        policy_rows, policy_mix = tuple(range(n)), mu.clone()
     reference_row, pistar_rows, values = None, (), ()
     mix = torch.ones(1, dtype=torch.float64)
     if mode.startswith("implicit"):
-        rows.append(torch.zeros(slots, dtype=torch.float64))  # pi_ref: the bare base
-        reference_row = 1
-        if mode == "implicit":
+        rows.append(row())  # pi_ref: the bare base
+        reference_row = len(rows) - 1
+        if mode == "implicit" and pistar_merge is None:
             pistar_rows = (0,)  # pi*_merged is the Bone Soup merge: the policy row itself
+        elif mode == "implicit":
+            pistar = get_merge_method(pistar_merge)
+            rows.append(row(pistar.coefficients(matrix, mu, 0.0), store.backbone_slots))
+            pistar_rows = (len(rows) - 1,)
         else:
             for i in range(n):  # MAGE-I: each backbone alone as pi*_i (Eq. 23)
-                row = torch.zeros(slots, dtype=torch.float64)
-                row[i] = 1.0
-                rows.append(row)
-            pistar_rows = tuple(range(2, 2 + n))
+                rows.append(row(torch.eye(n, dtype=torch.float64)[i], store.backbone_slots))
+            pistar_rows = tuple(range(len(rows) - n, len(rows)))
             mix = mu.clone()
     elif mode.startswith("explicit"):
         if store.value_kind is None:
@@ -140,15 +198,15 @@ def build_plan(store: LoadedStore, mode: str, mu: torch.Tensor, merge_method: st
         rows += value_rows
         values = tuple(sources)
         mix = mu.clone() if mode == "explicit-ensemble" else mix
-    coefficients = torch.stack(rows).to(store.device, store.dtype)
     return DecodePlan(
-        mode,
-        mu,
-        method.coefficients(matrix, mu, 0.0),
-        coefficients,
-        0,
-        reference_row,
-        pistar_rows,
-        values,
-        mix.to(store.device, torch.float32),
+        mode=mode,
+        preference=mu,
+        lambdas=method.coefficients(matrix, mu, 0.0),
+        coefficients=torch.stack(rows).to(store.device, store.dtype),
+        policy_rows=policy_rows,
+        policy_mix=policy_mix.to(store.device, torch.float32),
+        reference_row=reference_row,
+        pistar_rows=pistar_rows,
+        values=values,
+        mix=mix.to(store.device, torch.float32),
     )

@@ -24,6 +24,9 @@ class MergeMethod:
     """Where the method comes from."""
     coefficients: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
     """(B, mu, alpha) -> per-adapter coefficients, float64 of shape (n,)."""
+    adapters: str = "backbones"
+    """Which adapters the coefficients weigh: the store's `backbones`, or its Rewarded-Soup
+    `specialists` (trained on e_i; the backbones themselves when B = I)."""
 
 
 def _direct(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -44,7 +47,10 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             bone_soup_coefficients,
         ),
         MergeMethod(
-            "rewarded-soup", "Rame et al. 2023; MAGE Eq. (1) with lambda = mu", _rewarded_soup
+            "rewarded-soup",
+            "Rame et al. 2023; MAGE Eq. (1) with lambda = mu over the specialists",
+            _rewarded_soup,
+            adapters="specialists",
         ),
         MergeMethod(
             "direct",

@@ -95,12 +95,14 @@ def build_random_store(
     head_std: float = 0.05,
     seed: int = 0,
     name: str = "random (untrained adapters)",
+    with_specialists: bool = False,
 ) -> Path:
     """A complete store with random (untrained) adapters and heads over a given base.
 
     For tests, benchmarks and smoke-serving a real base before trained artifacts exist.
     beta=None gives B = I (Rewarded Soup). Backbones get different ranks and target
-    modules, so the exact merge must cope with mismatched adapters.
+    modules, so the exact merge must cope with mismatched adapters. `with_specialists` adds
+    random Rewarded-Soup specialists (weights e_i).
     """
     from model_store.validate import resolve_base
 
@@ -165,11 +167,29 @@ def build_random_store(
                 "head": f"values/{objective}-head.safetensors",
             }
         )
+    specialists = []
+    for i, objective in enumerate(objectives if with_specialists else ()):
+        write_random_lora(
+            base,
+            root / f"specialists/{objective}",
+            rank=2,
+            targets=("v_proj", "down_proj"),
+            seed=seed + 50 + i,
+            std=lora_std,
+        )
+        specialists.append(
+            {
+                "name": f"specialist-{objective}",
+                "path": f"specialists/{objective}",
+                "weights": [float(i == j) for j in range(n)],
+            }
+        )
     write_manifest(
         root,
         {
             **manifest,
             "backbones": backbones,
+            "specialists": specialists,
             "alpha": alpha,
             "beta": beta,
             "guidance": {"explicit": explicit, "implicit": True},

@@ -19,8 +19,9 @@ from model_store.validate import CheckedStore, check_store, resolve
 class LoadedStore:
     """Everything the engine needs, resident on one device.
 
-    Adapter slots: 0..n-1 are the backbones (objective order of B's columns); n..2n-1 are
-    the explicit value adapters in objective order, when the value models are LoRA.
+    Adapter slots: 0..n-1 are the backbones (objective order of B's columns); then the
+    explicit value adapters in objective order, when the value models are LoRA; then the
+    Rewarded-Soup specialists, when the manifest lists them.
     """
 
     checked: CheckedStore
@@ -51,9 +52,22 @@ class LoadedStore:
         return len(self.checked.manifest.objectives)
 
     @property
+    def backbone_slots(self) -> list[int]:
+        return list(range(self.n_objectives))
+
+    @property
     def value_slots(self) -> list[int]:
         n = self.n_objectives
         return list(range(n, 2 * n)) if self.value_kind == "lora" else []
+
+    @property
+    def specialist_slots(self) -> list[int]:
+        first = self.n_objectives + len(self.value_slots)
+        return list(range(first, first + len(self.checked.manifest.specialists)))
+
+    @property
+    def slot_count(self) -> int:
+        return self.n_objectives + len(self.value_slots) + len(self.checked.manifest.specialists)
 
 
 def pick_device(device: str) -> torch.device:
@@ -119,6 +133,7 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
         standalone = [
             load_causal_lm(resolve(root, s.path), torch_device, torch_dtype) for s in specs
         ]
+    adapters += [adapter(s.path, s.name) for s in manifest.specialists]
     heads = tuple(
         load_value_head(resolve(root, s.head)).to(torch_device, torch_dtype) for s in specs
     )

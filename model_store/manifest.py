@@ -98,6 +98,10 @@ class StoreManifest(_Strict):
     """The SFT base model."""
     backbones: list[BackboneSpec] = Field(min_length=1)
     """n backbone adapters, one per objective (Sec. 3.3.4)."""
+    specialists: list[BackboneSpec] = Field(default_factory=list)
+    """Optional Rewarded-Soup specialists (one-hot weights e_i, i.e. B = I), one per
+    objective: merged with lambda = mu by the `rewarded-soup` merge method and used by the
+    MOD logit ensemble in evaluation. Not needed for serving MAGE."""
     alpha: float = Field(default=0.0, ge=0.0)
     """Extrapolation alpha of Eq. (13); 0 disables it."""
     beta: float | None = None

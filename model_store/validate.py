@@ -150,6 +150,7 @@ def check_objectives(manifest: StoreManifest, manifest_path: Path) -> torch.Tens
         check_combination_matrix(matrix)
     except ValueError as exc:
         raise StoreError(manifest_path, f"backbone weights: {exc}") from None
+    check_specialists(manifest, manifest_path)
     explicit = manifest.guidance.explicit
     if explicit:
         named = [spec.objective for spec in explicit]
@@ -164,6 +165,23 @@ def check_objectives(manifest: StoreManifest, manifest_path: Path) -> torch.Tens
     return matrix
 
 
+def check_specialists(manifest: StoreManifest, manifest_path: Path) -> None:
+    """Rewarded-Soup specialists, when given: specialist i has weights e_i (B = I)."""
+    specialists, n = manifest.specialists, len(manifest.objectives)
+    if not specialists:
+        return
+    if len(specialists) != n:
+        raise StoreError(manifest_path, f"{n} objectives but {len(specialists)} specialists")
+    for i, spec in enumerate(specialists):
+        expected = [1.0 if j == i else 0.0 for j in range(n)]
+        if [float(w) for w in spec.weights] != expected:
+            raise StoreError(
+                manifest_path,
+                f"specialist {spec.name!r} has weights {spec.weights}; specialist {i} "
+                f"must have the one-hot weights {expected} (Rewarded Soup: B = I)",
+            )
+
+
 def check_store(root: Path | str) -> CheckedStore:
     """Run every static check; return what loading needs."""
     root = Path(root).resolve()
@@ -175,7 +193,7 @@ def check_store(root: Path | str) -> CheckedStore:
         raise StoreError(base_path, "base model folder does not exist")
     vocab_size = read_vocab_size(base_path)
     shapes = base_weight_shapes(base_path)
-    for backbone in manifest.backbones:
+    for backbone in [*manifest.backbones, *manifest.specialists]:
         adapter = load_lora_adapter(resolve(root, backbone.path), backbone.name, torch.float32)
         check_adapter_fits(adapter, shapes)
     from guidance.value_head import load_value_head  # guidance depends on store, not back

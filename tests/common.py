@@ -74,6 +74,7 @@ def build_tiny_store(
     value_kind: str | None = "lora",
     head_kind: str = "tied",
     seed: int = 0,
+    specialists: bool = False,
 ) -> Path:
     """A complete store on a random 2-layer Llama: n backbones, n value models, manifest.
 
@@ -93,4 +94,5 @@ def build_tiny_store(
         head_std=0.5,
         seed=seed,
         name="tiny",
+        with_specialists=specialists,
     )

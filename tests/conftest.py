@@ -15,8 +15,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
-    """Bone Soup store: circulant B (beta 0.7), alpha 0.2, LoRA value models."""
-    return build_tiny_store(tmp_path_factory.mktemp("store") / "s", beta=0.7, alpha=0.2)
+    """Bone Soup store: circulant B (beta 0.7), alpha 0.2, LoRA value models, and
+    Rewarded-Soup specialists."""
+    return build_tiny_store(
+        tmp_path_factory.mktemp("store") / "s", beta=0.7, alpha=0.2, specialists=True
+    )
 
 
 @pytest.fixture(scope="session")

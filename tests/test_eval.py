@@ -33,7 +33,7 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
         "--out",
         str(tmp_path / "ev"),
         "--methods",
-        "bone-soup,mage-e-m,mage-i",
+        "bone-soup,mage-e-m,mage-i,rewarded-soup,mod,mage-i-m-naive,beam",
         "--preferences",
         "1,0;0.5,0.5;0,1",
         "--rewards",
@@ -44,21 +44,57 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
         "2",
         "--max-new-tokens",
         "4",
+        "--batch-size",
+        "2",
+        "--beam-width",
+        "2",
+        "--beam-interval",
+        "2",
     ]
+    methods = {"bone-soup", "mage-e-m", "mage-i", "rewarded-soup", "mod", "mage-i-m-naive", "beam"}
     assert mage(args) == 0
     results = json.loads((tmp_path / "ev/results.json").read_text())
-    assert set(results["mean_rewards"]) == {"bone-soup", "mage-e-m", "mage-i"}
+    assert set(results["mean_rewards"]) == methods
     assert len(results["mean_rewards"]["mage-e-m"]) == 3
     assert results["prompts"] == 2
-    lines = (tmp_path / "ev/generations.jsonl").read_text().splitlines()
-    assert len(lines) == 3 * 3 * 2
-    assert "| mage-e-m | (0.5, 0.5) |" in (tmp_path / "ev/table.md").read_text()
+    lines = [json.loads(x) for x in (tmp_path / "ev/generations.jsonl").read_text().splitlines()]
+    assert len(lines) == len(methods) * 3 * 2
+    assert all(0 < row["tokens"] <= 4 and row["seconds"] > 0 for row in lines)
+    table = (tmp_path / "ev/table.md").read_text()
+    assert "| mage-e-m | (0.5, 0.5) |" in table and "ms/token" in table
     for m in results["metrics"].values():
         assert m["front_length"] >= 1 and m["hv"] >= 0
+        assert m["ms_per_token"] > 0 and m["peak_mib"] > 0
+    png = (tmp_path / "ev/fronts.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
     capsys.readouterr()
     assert mage(args) == 0  # resumed: nothing generated again
-    assert len((tmp_path / "ev/generations.jsonl").read_text().splitlines()) == 18
+    assert len((tmp_path / "ev/generations.jsonl").read_text().splitlines()) == len(lines)
     assert "0s generating" in capsys.readouterr().out
+    resumed = json.loads((tmp_path / "ev/results.json").read_text())
+    assert resumed["metrics"]["beam"]["peak_mib"] == results["metrics"]["beam"]["peak_mib"]
+
+
+def test_batched_eval_matches_the_server_engine(tiny_store, tmp_path):
+    """The eval's batched responses are the texts the engine (and so the server) returns."""
+    import torch
+
+    from evaluation.run import EvalConfig, generate_texts
+    from guidance.engine import Engine
+    from guidance.requests import GenerationRequest, SamplingParams
+    from model_store.loader import load_store
+    from training.common import encode_prompt
+    from training.prompts import load_prompts
+
+    store = load_store(tiny_store, "cpu", "float32")
+    engine = Engine(store)
+    prompts = [encode_prompt(store.tokenizer, p["prompt"]) for p in load_prompts("test")[:3]]
+    cfg = EvalConfig(tiny_store, tmp_path, ("mage-e-m",), ((0.3, 0.7),), max_new_tokens=6)
+    batched = generate_texts(store, "mage-e-m", (0.3, 0.7), prompts, cfg, engine.eos_ids)
+    for ids, (text, _) in zip(prompts, batched, strict=True):
+        mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
+        request = GenerationRequest("t", tuple(ids), mu, "explicit", 1.0, SamplingParams(), 6)
+        assert engine.run_to_completion(request)[-1].generated_text == text
 
 
 def test_eval_rejects_unknown_method(tiny_store, tmp_path, capsys):

@@ -5,10 +5,11 @@
 with h_i = sum_j w_ij r_j the backbone reward and w_i the i-th column of the circulant B of
 Eq. (12). It uses TRL's GRPOTrainer (the paper used PPO; GRPO needs no critic, which keeps CPU
 runs cheap) with a LoRA `peft_config`: one reward function per objective, `reward_weights = w_i`
-with `multi_objective_aggregation="sum_then_normalize"` (so the trainer forms exactly h_i before
-the group normalisation of advantages) and `beta = eta > 0`, the KL penalty to the base (TRL
-disables the adapter to get pi_sft, so no second model is loaded). TRL adds the KL as a
-per-token k3 estimate in the loss rather than in the reward; its expectation is the same KL.
+with `multi_objective_aggregation="normalize_then_sum"` by default (each reward standardised
+within its group, then weighted by w_i: Eq. (11) on rewards of a common scale) and
+`beta = eta > 0`, the KL penalty to the base (TRL disables the adapter to get pi_sft, so no
+second model is loaded). TRL adds the KL as a per-token k3 estimate in the loss rather than
+in the reward; its expectation is the same KL.
 
 Outputs: the final adapter (PEFT folder, safetensors) at ``adapter_dir`` (default
 ``out/adapter``), TRL checkpoints under ``out/checkpoints`` every ``save_steps`` steps (a new
@@ -62,6 +63,11 @@ class BackboneTrainConfig:
     """Completions per prompt (GRPO's group size)."""
     max_completion_length: int = 32
     temperature: float = 1.0
+    aggregation: str = "normalize_then_sum"
+    """How the n rewards form h_i (TRL's `multi_objective_aggregation`). The default
+    standardises each reward within its GRPO group before the weighted sum, so w_ij weighs
+    objectives, not their scales (VADER spans [-1, 1], MiniLM cosines a narrow band);
+    `sum_then_normalize` forms the raw w_i^T r of Eq. (11) first."""
     split: str = "train"
     max_prompts: int | None = None
     save_steps: int = 25
@@ -197,7 +203,7 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
         lr_scheduler_type="constant",  # so a resumed run with more --steps continues evenly
         beta=config.kl,
         reward_weights=list(config.weights),
-        multi_objective_aggregation="sum_then_normalize",  # h_i = w_i^T r, then normalise
+        multi_objective_aggregation=config.aggregation,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,

@@ -39,10 +39,25 @@ class DemoSettings:
     """Validation prompts for the value models."""
     value_epochs: int = 2
     """Epochs of Eq. (16) regression."""
-    backbone_steps: int = 56
-    """GRPO steps per backbone."""
-    backbone_lr: float = 3e-4
-    """Backbone LoRA learning rate."""
+    backbone_steps: int = 48
+    """GRPO steps per backbone (and per Rewarded-Soup specialist)."""
+    backbone_lr: float = 1e-3
+    """Backbone LoRA learning rate (3e-4 on q/v moved the policy too little: KL < 0.03)."""
+    backbone_rank: int = 4
+    """LoRA rank of backbones and specialists."""
+    backbone_targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
+    """Every linear of the decoder: style (positivity) lives in the MLPs as much as in
+    attention. Rank 4 keeps each adapter about 5 MB."""
+    specialists: bool = True
+    """Also train the Rewarded-Soup specialists (weights e_i, B = I) for evaluation."""
     max_new_tokens: int = 32
     """Response length while training."""
     seed: int = 0
@@ -97,30 +112,41 @@ def conflict_on_base_samples(work: Path) -> dict:
     }
 
 
-def _backbones(base: Path, work: Path, store: Path, s: DemoSettings, log) -> list[dict]:
+def _backbones(
+    base: Path, work: Path, store: Path, s: DemoSettings, log, kind: str = "backbone"
+) -> list[dict]:
+    """Train one adapter per objective: backbones on B's columns (Eq. 11-12), or the
+    Rewarded-Soup specialists on e_i (kind="specialist")."""
+    if kind == "backbone":
+        all_weights = circulant_backbone_weights(OBJECTIVES, s.beta)
+    else:
+        all_weights = [
+            [float(i == j) for j in range(len(OBJECTIVES))] for i in range(len(OBJECTIVES))
+        ]
     entries = []
-    for objective, weights in zip(
-        OBJECTIVES, circulant_backbone_weights(OBJECTIVES, s.beta), strict=True
-    ):
+    for objective, weights in zip(OBJECTIVES, all_weights, strict=True):
         config = BackboneTrainConfig(
             base=base,
             rewards=list(OBJECTIVES),
             weights=weights,
-            out=work / f"backbone-{objective}",
-            adapter_dir=store / "backbones" / objective,
+            out=work / f"{kind}-{objective}",
+            adapter_dir=store / f"{kind}s" / objective,
             steps=s.backbone_steps,
             lr=s.backbone_lr,
+            rank=s.backbone_rank,
+            lora_alpha=2 * s.backbone_rank,
+            targets=s.backbone_targets,
             max_completion_length=s.max_new_tokens,
             save_steps=4,
             seed=s.seed,
         )
         started = time.monotonic()
         result = train_backbone(config)
-        log(f"backbone {objective} w={weights}: reward means {result.reward_means}")
+        log(f"{kind} {objective} w={weights}: reward means {result.reward_means}")
         entries.append(
             {
-                "name": f"backbone-{objective}",
-                "path": f"backbones/{objective}",
+                "name": f"{kind}-{objective}",
+                "path": f"{kind}s/{objective}",
                 "weights": weights,
                 "reward_means": result.reward_means,
                 "seconds": round(time.monotonic() - started),
@@ -139,6 +165,7 @@ def build_demo(store: Path, work: Path, settings: DemoSettings | None = None, lo
     conflict = conflict_on_base_samples(work)
     log(f"reward conflict on base samples: {conflict}")
     backbones = _backbones(base, work, store, s, log)
+    specialists = _backbones(base, work, store, s, log, "specialist") if s.specialists else []
     write_manifest(
         store,
         {
@@ -146,6 +173,7 @@ def build_demo(store: Path, work: Path, settings: DemoSettings | None = None, lo
             "objectives": OBJECTIVES,
             "base": {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE},
             "backbones": [{k: b[k] for k in ("name", "path", "weights")} for b in backbones],
+            "specialists": [{k: b[k] for k in ("name", "path", "weights")} for b in specialists],
             "alpha": s.alpha,
             "beta": s.beta,
             "guidance": {
@@ -168,6 +196,7 @@ def build_demo(store: Path, work: Path, settings: DemoSettings | None = None, lo
         "value_models": values,
         "conflict": conflict,
         "backbones": backbones,
+        "specialists": specialists,
         "seconds": round(time.monotonic() - started),
     }
     for value in report["value_models"].values():

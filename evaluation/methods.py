@@ -1,0 +1,89 @@
+"""The compared methods (Table 2-4 names) and how each one generates a batch of prompts.
+
+Every method decodes greedily with the same settings through the serving code's plans
+(guidance.plan) and the batched decoder (guidance.batch); only `beam` searches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from guidance.batch import BeamSettings, beam_lookahead, greedy_generate
+from guidance.plan import build_plan
+from model_store.loader import LoadedStore
+
+
+@dataclass(frozen=True)
+class EvalMethod:
+    """How one compared method decodes."""
+
+    merge: str
+    """Merge method of the policy (merging.registry)."""
+    mode: str
+    """Guidance mode (Eq. 25), 'none' for Stage 1 alone."""
+    reference: str
+    """Where the method is defined."""
+    policy: str = "merged"
+    """'merged' (one merged LoRA policy) or 'logit-ensemble' (MOD)."""
+    pistar_merge: str | None = None
+    """Merge of the implicit pi* when it differs from the policy's (MAGE-I-M')."""
+    beam: bool = False
+    """Guided beam lookahead (Sec. 5.6.2) instead of greedy decoding."""
+
+
+METHODS: dict[str, EvalMethod] = {
+    "rewarded-soup": EvalMethod("rewarded-soup", "none", "Rame et al. 2023: specialists, B = I"),
+    "bone-soup": EvalMethod("bone-soup", "none", "Stage 1: lambda = B^-1 mu, Eq. (13)"),
+    "direct": EvalMethod("direct", "none", "Sec. 5.6.3 'aba': backbones with lambda = mu"),
+    "mod": EvalMethod(
+        "rewarded-soup", "none", "Shi et al. 2024: sum_i mu_i log pi_i", policy="logit-ensemble"
+    ),
+    "mage-e": EvalMethod("bone-soup", "explicit-ensemble", "MAGE-E: sum_i mu_i V_i"),
+    "mage-e-m": EvalMethod("bone-soup", "explicit", "MAGE-E-M: merged value model, Eq. (24)"),
+    "mage-i": EvalMethod("bone-soup", "implicit-ensemble", "MAGE-I: sum_i mu_i log pi*_i/pi_ref"),
+    "mage-i-m": EvalMethod("bone-soup", "implicit", "MAGE-I-M: pi* = Bone Soup merge"),
+    "mage-i-m-naive": EvalMethod(
+        "bone-soup",
+        "implicit",
+        "Table 3 MAGE-I-M': pi* merged with lambda = mu",
+        pistar_merge="direct",
+    ),
+    "beam": EvalMethod(
+        "bone-soup", "implicit", "Sec. 5.6.2: MAGE-I-M with beam lookahead", beam=True
+    ),
+}
+
+
+def generate_batch(
+    store: LoadedStore,
+    method: str,
+    mu: tuple[float, ...],
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    gamma: float,
+    eos_ids: set[int],
+    beam: BeamSettings,
+) -> list[list[int]]:
+    """Generated token ids for each prompt under `method` at preference `mu`."""
+    spec = METHODS[method]
+    plan = build_plan(
+        store,
+        spec.mode,
+        torch.tensor(mu, dtype=torch.float64),
+        spec.merge,
+        policy=spec.policy,
+        pistar_merge=spec.pistar_merge,
+    )
+    if not spec.beam:
+        return greedy_generate(store, plan, prompts, max_new_tokens, gamma, eos_ids)
+    return [  # one prompt at a time: its b * c candidates form the batch
+        beam_lookahead(store, plan, prompt, max_new_tokens, gamma, eos_ids, beam)[0]
+        for prompt in prompts
+    ]
+
+
+def decode(store: LoadedStore, ids: list[int]) -> str:
+    """Response text as the server's generated_text (special tokens such as EOS dropped)."""
+    return store.tokenizer.decode(ids, skip_special_tokens=True)
