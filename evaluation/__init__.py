@@ -1,25 +1,5 @@
-"""Evaluation harness for MAGE: front metrics (``metrics``) and quadratic theory (``theory``)."""
+"""Evaluation harness for MAGE: front metrics (`metrics`), the compared methods (`methods`),
+`mage eval` (`run`), alpha/beta tuning (`tune`) and the quadratic theory checks (`theory`).
 
-from evaluation.metrics import (
-    controllability,
-    default_reference_point,
-    front_length,
-    hypervolume,
-    inner_product,
-    non_dominated,
-    spacing,
-    sparsity,
-    summarise_front,
-)
-
-__all__ = [
-    "controllability",
-    "default_reference_point",
-    "front_length",
-    "hypervolume",
-    "inner_product",
-    "non_dominated",
-    "sparsity",
-    "spacing",
-    "summarise_front",
-]
+Nothing is imported here, so that the decoding-only parts (`methods`) load without the
+metric and plotting dependencies."""

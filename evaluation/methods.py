@@ -26,7 +26,8 @@ class EvalMethod:
     reference: str
     """Where the method is defined."""
     policy: str = "merged"
-    """'merged' (one merged LoRA policy) or 'logit-ensemble' (MOD)."""
+    """'merged' (one merged LoRA policy), 'logit-ensemble' (MOD) or 'base' (the SFT model,
+    Observation 3's fixed LM)."""
     pistar_merge: str | None = None
     """Merge of the implicit pi* when it differs from the policy's (MAGE-I-M')."""
     beam: bool = False
@@ -48,6 +49,16 @@ METHODS: dict[str, EvalMethod] = {
         "bone-soup",
         "implicit",
         "Table 3 MAGE-I-M': pi* merged with lambda = mu",
+        pistar_merge="direct",
+    ),
+    "lmc-explicit": EvalMethod(
+        "direct", "explicit", "Observation 3: SFT policy guided by merged V", policy="base"
+    ),
+    "lmc-implicit": EvalMethod(
+        "direct",
+        "implicit",
+        "Observation 3: SFT policy guided by pi* merged with lambda = mu",
+        policy="base",
         pistar_merge="direct",
     ),
     "beam": EvalMethod(

@@ -174,6 +174,31 @@ def controllability(points: ArrayLike, preferences: ArrayLike) -> float:
     return float(agree.sum() / (n_pts * (n_pts - 1)))
 
 
+def chord_gaps(points: ArrayLike, preferences: ArrayLike) -> dict[str, list[float]]:
+    """Observation 3 (LMC): reward at mu minus the chord between the sweep's endpoints.
+
+    Two objectives only. With lambda = mu_1, the endpoints are the points at mu = (1, 0) and
+    (0, 1); for each interior point and objective k the gap is
+    R_k(mu) - [lambda R_k(1, 0) + (1 - lambda) R_k(0, 1)]; LMC says every gap is >= 0.
+    Returns per objective the share of interior points on or above the chord and the mean gap.
+    """
+    pts, prefs = _as_pair(points, preferences)
+    if pts.shape[1] != 2:
+        raise ValueError("chord gaps are defined for two objectives")
+    first = int(np.argmax(prefs[:, 0]))
+    last = int(np.argmin(prefs[:, 0]))
+    lam = prefs[:, 0]
+    inside = (lam > 0) & (lam < 1)
+    if not inside.any():
+        raise ValueError("no preference strictly between the endpoints")
+    chord = lam[:, None] * pts[first] + (1 - lam[:, None]) * pts[last]
+    gaps = (pts - chord)[inside]  # (interior, 2)
+    return {
+        "share_above": [float(np.mean(gaps[:, k] >= -1e-12)) for k in range(2)],
+        "mean_gap": [float(np.mean(gaps[:, k])) for k in range(2)],
+    }
+
+
 def summarise_front(
     points: ArrayLike, preferences: ArrayLike, reference_point: ArrayLike
 ) -> dict[str, float | int]:

@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.methods import METHODS, decode, generate_batch
-from evaluation.metrics import default_reference_point, summarise_front
+from evaluation.metrics import chord_gaps, default_reference_point, summarise_front
 from evaluation.plot import plot_fronts
 from evaluation.resources import PeakMemory
 from guidance.batch import BeamSettings
@@ -188,6 +188,9 @@ def score(
     reference = default_reference_point(*[np.array(v) for v in means.values()])
     prefs = np.array(cfg.preferences)
     summary = {m: summarise_front(np.array(v), prefs, reference) for m, v in means.items()}
+    for method in cfg.methods:
+        if method.startswith("lmc-") and len(objectives) == 2 and len(prefs) > 2:
+            summary[method]["lmc"] = chord_gaps(np.array(means[method]), prefs)
     for method in cfg.methods:  # Figure 11: seconds per generated token, batched as run
         rows = [done[(method, tuple(mu), p["id"])] for mu in cfg.preferences for p in prompts]
         tokens = sum(r.get("tokens", 0) for r in rows)
@@ -230,4 +233,19 @@ def markdown_table(results: dict) -> str:
             f"{m['controllability']:.3f} | {opt(m.get('ms_per_token'), '.1f')} | "
             f"{opt(m.get('peak_mib'), '.0f')} |"
         )
+    lmc = {method: m["lmc"] for method, m in results["metrics"].items() if "lmc" in m}
+    if lmc:
+        names = results["objectives"]
+        lines += [
+            "",
+            "| LMC (Observation 3) | "
+            + " | ".join(f"{o}: share above chord, mean gap" for o in names)
+            + " |",
+            "|---|---|---|",
+        ]
+        for method, gap in lmc.items():
+            cells = " | ".join(
+                f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f}" for k in range(2)
+            )
+            lines.append(f"| {method} | {cells} |")
     return "\n".join(lines) + "\n"

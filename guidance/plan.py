@@ -150,10 +150,11 @@ def build_plan(
 ) -> DecodePlan:
     """Rows for (mode, mu, merge method). `policy="logit-ensemble"` is MOD (Shi et al. 2024):
     each of the method's adapters alone as a row, next token from sum_i mu_i log pi_i.
+    `policy="base"` decodes with the SFT model itself (Observation 3's fixed LM_phi0).
     `pistar_merge` merges the implicit pi* with another method than the policy (Table 3's
     MAGE-I-M' uses "direct": lambda = mu)."""
-    if policy not in ("merged", "logit-ensemble"):
-        raise ValueError(f"unknown policy {policy!r}: 'merged' or 'logit-ensemble'")
+    if policy not in ("merged", "logit-ensemble", "base"):
+        raise ValueError(f"unknown policy {policy!r}: 'merged', 'logit-ensemble' or 'base'")
     if policy == "logit-ensemble" and mode != "none":
         raise ValueError("the logit-ensemble policy (MOD) takes no guidance: mode must be 'none'")
     if pistar_merge is not None and mode != "implicit":
@@ -169,8 +170,9 @@ def build_plan(
             out[on if on is not None else adapter_slots] = coefficients
         return out
 
-    if policy == "merged":
-        rows = [row(method.coefficients(matrix, mu, alpha))]
+    if policy != "logit-ensemble":
+        coefficients = None if policy == "base" else method.coefficients(matrix, mu, alpha)
+        rows = [row(coefficients)]
         policy_rows, policy_mix = (0,), torch.ones(1, dtype=torch.float64)
     else:  # MOD: pi_i alone in row i
         rows = [row(torch.eye(n, dtype=torch.float64)[i]) for i in range(n)]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from evaluation.methods import METHODS, generate_batch
+from guidance.batch import BeamSettings
 from guidance.engine import Engine
 from model_store.loader import load_store
 from tests.test_decoding import MODES, token_ids
@@ -29,3 +31,32 @@ def test_cuda_bfloat16_runs_every_mode(tiny_store):
     assert engine.store.dtype == torch.bfloat16
     for mode in MODES:
         assert 1 <= len(token_ids(engine, [0.5, 0.5], mode, gamma=1.0, max_new=4)) <= 4
+
+
+def _eval_prompts(store) -> list[list[int]]:
+    texts = ("How do I bake bread?", "Hi", "Tell me a long story about a dragon")
+    return [store.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_cuda_batched_eval_methods_match_cpu(tiny_store, method):
+    """The evaluation's batched path (padding, MOD, pi* merges, beam reorders) on CUDA."""
+    outputs = []
+    for device in ("cpu", "cuda"):
+        store = load_store(tiny_store, device, "float32")
+        eos = Engine(store).eos_ids
+        beam = BeamSettings(width=2, expansion=2, interval=3)
+        outputs.append(
+            generate_batch(store, method, (0.3, 0.7), _eval_prompts(store), 6, 1.0, eos, beam)
+        )
+    assert outputs[0] == outputs[1]
+
+
+def test_cuda_bfloat16_batched_eval_runs_every_method(tiny_store):
+    store = load_store(tiny_store, "cuda", "auto")
+    eos = Engine(store).eos_ids
+    for method in METHODS:
+        out = generate_batch(
+            store, method, (0.5, 0.5), _eval_prompts(store), 4, 1.0, eos, BeamSettings(2, 1, 2)
+        )
+        assert len(out) == 3 and all(1 <= len(tokens) <= 4 for tokens in out)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from evaluation.metrics import (
+    chord_gaps,
     controllability,
     default_reference_point,
     front_length,
@@ -207,3 +208,20 @@ def test_summarise_front_hand_values() -> None:
     assert out["spacing"] == pytest.approx(0.0, abs=1e-12)
     assert out["front_length"] == 3
     assert out["controllability"] == pytest.approx(1.0)
+
+
+def test_chord_gaps_by_hand() -> None:
+    # mu_1 = 1, 0.5, 0.25, 0: endpoints (1, 0) -> (2, 0) and (0, 1) -> (0, 4).
+    prefs = [[1, 0], [0.5, 0.5], [0.25, 0.75], [0, 1]]
+    points = [[2, 0], [1.5, 2.0], [0.25, 3.5], [0, 4]]
+    # chords: 0.5 -> (1, 2); 0.25 -> (0.5, 3); gaps (0.5, 0) and (-0.25, 0.5)
+    gaps = chord_gaps(points, prefs)
+    assert gaps["share_above"] == [0.5, 1.0]
+    assert gaps["mean_gap"] == pytest.approx([0.125, 0.25])
+
+
+def test_chord_gaps_needs_two_objectives_and_an_interior_point() -> None:
+    with pytest.raises(ValueError, match="two objectives"):
+        chord_gaps([[1, 2, 3], [3, 2, 1]], [[1, 0, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="between"):
+        chord_gaps([[1, 0], [0, 1]], [[1, 0], [0, 1]])
