@@ -75,14 +75,14 @@ def _inspect(args: argparse.Namespace) -> int:
     print("B (columns = backbone reward weights, Eq. 12):")
     for row in checked.combination_matrix.tolist():
         print("   " + "  ".join(f"{v:7.4f}" for v in row))
-    for backbone in m.backbones:
-        adapter = load_lora_adapter(
-            resolve(checked.root, backbone.path), backbone.name, torch.float32
-        )
+    for label, spec in [("backbone", b) for b in m.backbones] + [
+        ("specialist", s) for s in m.specialists
+    ]:
+        adapter = load_lora_adapter(resolve(checked.root, spec.path), spec.name, torch.float32)
         ranks = sorted({f.lora_a.shape[0] for f in adapter.modules.values()})
         print(
-            f"backbone   {backbone.name}: {len(adapter.modules)} modules, rank {ranks}, "
-            f"w={backbone.weights}"
+            f"{label:10} {spec.name}: {len(adapter.modules)} modules, rank {ranks}, "
+            f"w={spec.weights}"
         )
     for spec in m.guidance.explicit:
         print(f"value      {spec.objective}: {spec.kind} {spec.path} head={spec.head}")

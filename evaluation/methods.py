@@ -89,10 +89,8 @@ def generate_batch(
     )
     if not spec.beam:
         return greedy_generate(store, plan, prompts, max_new_tokens, gamma, eos_ids)
-    return [  # one prompt at a time: its b * c candidates form the batch
-        beam_lookahead(store, plan, prompt, max_new_tokens, gamma, eos_ids, beam)[0]
-        for prompt in prompts
-    ]
+    found = beam_lookahead(store, plan, prompts, max_new_tokens, gamma, eos_ids, beam)
+    return [tokens for tokens, _ in found]
 
 
 def decode(store: LoadedStore, ids: list[int]) -> str:

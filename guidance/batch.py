@@ -180,24 +180,32 @@ def _beam_score(plan: DecodePlan, out: RowOutputs, token: int) -> tuple[float, b
 def beam_lookahead(
     store: LoadedStore,
     plan: DecodePlan,
-    prompt: list[int],
+    prompts: list[list[int]],
     max_new_tokens: int,
     gamma: float,
     eos_ids: set[int],
     settings: BeamSettings,
-) -> tuple[list[int], float]:
-    """Chunk-level beam search: every beam samples `expansion` continuations of `interval`
-    tokens from the guided distribution softmax(log pi + gamma V) (Eq. 25); the `width`
-    best-scoring candidates survive each chunk; returns the best beam and its score."""
+) -> list[tuple[list[int], float]]:
+    """Chunk-level beam search for several prompts in one batch: every beam samples
+    `expansion` continuations of `interval` tokens from the guided distribution
+    softmax(log pi + gamma V) (Eq. 25); per prompt, the `width` best-scoring candidates
+    survive each chunk. Returns per prompt its best beam and that beam's score."""
     b, c = settings.width, settings.expansion
+    group = b * c  # candidates per prompt; sequence i belongs to prompt i // group
     generator = torch.Generator(device="cpu").manual_seed(settings.seed)
     decoder = BatchDecoder(store, plan)
-    first = decoder.prefill([prompt])
-    decoder.select([0] * (b * c))
-    outputs = first * (b * c)
-    beams: list[list[int]] = [[] for _ in range(b * c)]
-    scores = [0.0] * (b * c)
-    done = [False] * (b * c)
+    first = decoder.prefill(prompts)
+    start = [p for p in range(len(prompts)) for _ in range(group)]
+    decoder.select(start)
+    outputs = [first[p] for p in start]
+    beams: list[list[int]] = [[] for _ in start]
+    scores, done = [0.0] * len(start), [False] * len(start)
+
+    def best_per_prompt() -> list[tuple[list[int], float]]:
+        firsts = range(0, len(beams), group)
+        best = [max(range(f, f + group), key=scores.__getitem__) for f in firsts]
+        return [(beams[i], scores[i]) for i in best]
+
     while True:
         for _ in range(settings.interval):
             probs = torch.softmax(_scores(plan, outputs, gamma), -1).cpu()  # (S, vocab)
@@ -211,11 +219,13 @@ def beam_lookahead(
                 beams[i].append(token)
                 done[i] = token in eos_ids
             if all(done) or max(len(beam) for beam in beams) >= max_new_tokens:
-                best = max(range(len(beams)), key=scores.__getitem__)
-                return beams[best], scores[best]
+                return best_per_prompt()
             outputs = decoder.step(tokens)
-        keep = sorted(range(len(beams)), key=scores.__getitem__, reverse=True)[:b]
-        chosen = [k for k in keep for _ in range(c)]
+        chosen = []
+        for first_index in range(0, len(beams), group):
+            members = range(first_index, first_index + group)
+            keep = sorted(members, key=scores.__getitem__, reverse=True)[:b]
+            chosen += [k for k in keep for _ in range(c)]
         decoder.select(chosen)
         beams = [list(beams[k]) for k in chosen]
         scores, done = [scores[k] for k in chosen], [done[k] for k in chosen]

@@ -158,13 +158,25 @@ def test_beam_lookahead_returns_its_best_scored_beam(engine):
     plan = build_plan(store, "implicit", torch.tensor([0.4, 0.6], dtype=torch.float64), "bone-soup")
     prompt = prompt_ids(store)[0]
     settings = BeamSettings(width=3, expansion=2, interval=3, seed=1)
-    tokens, score = beam_lookahead(store, plan, prompt, 9, 1.0, set(), settings)
+    ((tokens, score),) = beam_lookahead(store, plan, [prompt], 9, 1.0, set(), settings)
     assert len(tokens) == 9
     assert score == pytest.approx(implicit_reward(store, plan, prompt, tokens), abs=1e-4)
-    again, _ = beam_lookahead(store, plan, prompt, 9, 1.0, set(), settings)
+    ((again, _),) = beam_lookahead(store, plan, [prompt], 9, 1.0, set(), settings)
     assert again == tokens  # seeded
     rivals = [
-        beam_lookahead(store, plan, prompt, 9, 1.0, set(), BeamSettings(1, 1, 3, seed))[1]
+        beam_lookahead(store, plan, [prompt], 9, 1.0, set(), BeamSettings(1, 1, 3, seed))[0][1]
         for seed in range(4)
     ]
     assert score >= sorted(rivals)[1]  # search beats most single samples
+
+
+def test_beam_lookahead_batches_prompts_independently(engine):
+    """Several prompts in one batch: each result is that prompt's own best, scored on it."""
+    store = engine.store
+    plan = build_plan(store, "implicit", torch.tensor([0.4, 0.6], dtype=torch.float64), "bone-soup")
+    prompts = prompt_ids(store)
+    found = beam_lookahead(store, plan, prompts, 6, 1.0, set(), BeamSettings(2, 2, 2, seed=3))
+    assert len(found) == len(prompts)
+    for prompt, (tokens, score) in zip(prompts, found, strict=True):
+        assert len(tokens) == 6
+        assert score == pytest.approx(implicit_reward(store, plan, prompt, tokens), abs=1e-4)

@@ -128,6 +128,7 @@ def test_cli_inspect_and_circulant(tiny_store, capsys):
     assert mage(["store", "inspect", str(tiny_store)]) == 0
     out = capsys.readouterr().out
     assert "lambda=[1.75, -0.75]" in out and "backbone-helpful" in out
+    assert "specialist specialist-harmless" in out and "w=[0.0, 1.0]" in out
     assert mage(["store", "circulant", "--objectives", "a,b,c", "--beta", "0.6"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["backbones"][0]["weights"] == pytest.approx([0.6, 0.2, 0.2])
