@@ -230,7 +230,17 @@ def _tune(args: argparse.Namespace) -> int:
             if not rewards:
                 raise ValueError("--rewards is required for beta tuning")
             result = tune_beta(
-                cfg, args.base, list(rewards), grid, args.work, steps=args.steps, seed=args.seed
+                cfg,
+                args.base,
+                list(rewards),
+                grid,
+                args.work,
+                steps=args.steps,
+                seed=args.seed,
+                lr=args.lr,
+                rank=args.rank,
+                lora_alpha=2 * args.rank,
+                targets=tuple(args.targets.split(",")),
             )
     except (StoreError, RewardError, TrainingError, ValueError) as exc:
         print(f"mage tune {args.tune_command}: {exc}", file=sys.stderr)
@@ -320,8 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             cmd.add_argument("--base", type=Path, required=True, help="HF base model folder")
             cmd.add_argument("--work", type=Path, required=True, help="folder for the trial stores")
-            cmd.add_argument("--steps", type=int, default=20, help="steps per backbone (short)")
+            cmd.add_argument("--steps", type=int, default=10, help="steps per backbone (short)")
             cmd.add_argument("--seed", type=int, default=0)
+            cmd.add_argument("--lr", type=float, default=1e-3, help="as the demo's backbones")
+            cmd.add_argument("--rank", type=int, default=4, help="LoRA rank (demo: 4)")
+            cmd.add_argument(
+                "--targets",
+                default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                help="LoRA target modules (demo: every linear)",
+            )
     from training.cli import add_train_commands
 
     add_train_commands(sub)

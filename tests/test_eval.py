@@ -154,9 +154,17 @@ def test_tune_beta_trains_short_runs_and_compares(tiny_store, tmp_path, capsys):
         "3",
         "--rewards",
         "tests.test_eval:response_length,tests.test_eval:vowel_share",
+        "--targets",
+        "q_proj,down_proj",
+        "--rank",
+        "2",
     ]
     assert mage(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(result["hypervolume"]) == {"0.6", "0.8"}
+    adapter = json.loads(
+        next((tmp_path / "w/beta-0.6/backbones").glob("*/adapter_config.json")).read_text()
+    )
+    assert sorted(adapter["target_modules"]) == ["down_proj", "q_proj"] and adapter["r"] == 2
     assert result["chosen_beta"] in (0.6, 0.8)
     assert (tmp_path / "w/beta-0.8/mage_store.json").is_file()
