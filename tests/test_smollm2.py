@@ -68,3 +68,19 @@ def test_explicit_and_implicit_modes_run_on_smollm2(smol_url):
         assert response.status_code == 200, response.text
         assert response.json()["details"]["guidance"]["mode"] == mode
         assert response.json()["details"]["generated_tokens"] == 4
+
+
+def test_committed_demo_store_is_complete_and_valid(smol_url):
+    """The store `make serve` serves: checksums, shapes against SmolLM2, every part present
+    (backbones on B's columns, Rewarded-Soup specialists, both value models)."""
+    from pathlib import Path
+
+    from model_store.validate import check_store
+
+    checked = check_store(Path(__file__).resolve().parents[1] / "demo" / "store")
+    manifest = checked.manifest
+    assert manifest.objectives == ["relevance", "positivity"]
+    assert [b.weights for b in manifest.backbones] == [[0.7, 0.3], [0.3, 0.7]]
+    assert [s.weights for s in manifest.specialists] == [[1.0, 0.0], [0.0, 1.0]]
+    assert sorted(v.objective for v in manifest.guidance.explicit) == manifest.objectives
+    assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
