@@ -145,6 +145,7 @@ def _backbones(
         )
         started = time.monotonic()
         result = train_backbone(config)
+        (result.adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
         log(f"{kind} {objective} w={weights}: reward means {result.reward_means}")
         entries.append(
             {
