@@ -82,5 +82,5 @@ def test_committed_demo_store_is_complete_and_valid(smol_url):
     assert manifest.objectives == ["relevance", "positivity"]
     assert [b.weights for b in manifest.backbones] == [[0.7, 0.3], [0.3, 0.7]]
     assert [s.weights for s in manifest.specialists] == [[1.0, 0.0], [0.0, 1.0]]
-    assert sorted(v.objective for v in manifest.guidance.explicit) == manifest.objectives
+    assert [v.objective for v in manifest.guidance.explicit] == manifest.objectives
     assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
