@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
 
 def plot_fronts(results: dict, path: Path) -> Path:
     """Plot the first two objectives of every method's front; returns the PNG's path."""
@@ -15,9 +17,19 @@ def plot_fronts(results: dict, path: Path) -> Path:
 
     x_name, y_name = results["objectives"][:2]
     fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
-    for method, rows in results["mean_rewards"].items():
+    colours = plt.get_cmap("tab20")
+    for i, (method, rows) in enumerate(results["mean_rewards"].items()):
         xs, ys = [r[0] for r in rows], [r[1] for r in rows]
-        ax.plot(xs, ys, marker="o", markersize=4, linewidth=1, label=method)
+        ax.plot(  # distinct colour, marker and dash per method: identical fronts stay visible
+            xs,
+            ys,
+            color=colours(i % 20),
+            marker=MARKERS[i % len(MARKERS)],
+            linestyle="-" if i % 2 == 0 else "--",
+            markersize=4,
+            linewidth=1,
+            label=method,
+        )
         for mu, x, y in zip(results["preferences"], xs, ys, strict=True):
             ax.annotate(f"{mu[0]:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel(f"mean {x_name} reward")
