@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from guidance.forward import RowOutputs, guidance_term, policy_logprobs
-from guidance.plan import DecodePlan
+from guidance.plan import DecodePlan, ValueSource
 from guidance.sampling import guided_scores
 from model_store.loader import LoadedStore
 
@@ -99,7 +99,15 @@ class BatchDecoder:
             for s in range(self.size)
         ]
 
-    def _values(self, index, source, hidden, ids, positions) -> torch.Tensor:
+    def _values(
+        self,
+        index: int,
+        source: ValueSource,
+        hidden: torch.Tensor,  # (S, R, hidden)
+        ids: torch.Tensor,  # (S, t)
+        positions: torch.Tensor,  # (S, t)
+    ) -> torch.Tensor:
+        """Values of one explicit source for every sequence: (S, vocab)."""
         if source.model is None:  # LoRA value model: a row of the shared forward
             embedding = self.store.model.get_output_embeddings().weight
             return source.head(hidden[:, source.row], embedding).float()
