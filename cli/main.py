@@ -321,7 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("--preferences", default="1,0;0.75,0.25;0.5,0.5;0.25,0.75;0,1")
         cmd.add_argument("--rewards", default=None, help="reward spec per objective")
         cmd.add_argument("--split", default="validation")
-        cmd.add_argument("--limit", type=int, default=8)
+        cmd.add_argument(
+            "--limit", type=int, default=None, help="first N prompts (default: all; few are noisy)"
+        )
         cmd.add_argument("--max-new-tokens", type=int, default=32)
         cmd.set_defaults(func=_tune)
         if name == "alpha":
