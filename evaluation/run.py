@@ -21,7 +21,6 @@ from evaluation.metrics import chord_gaps, default_reference_point, summarise_fr
 from evaluation.plot import plot_fronts
 from evaluation.resources import PeakMemory
 from guidance.batch import BeamSettings
-from guidance.engine import Engine
 from model_store.loader import LoadedStore, load_store
 from training.common import encode_prompt
 from training.prompts import load_prompts
@@ -100,7 +99,7 @@ def _read_cache(path: Path) -> dict:
 
 def _generate_all(cfg, store, prompts, done, cache, progress) -> dict[str, dict]:
     """Fill the cache; returns the peak memory of each method that generated anything."""
-    eos = Engine(store).eos_ids
+    eos = store.eos_ids
     ids = {p["id"]: encode_prompt(store.tokenizer, p["prompt"]) for p in prompts}
     total = sum(
         (m, tuple(mu), p["id"]) not in done

@@ -11,7 +11,6 @@ import numpy as np
 
 from evaluation.metrics import default_reference_point, hypervolume
 from evaluation.run import EvalConfig, generate_texts
-from guidance.engine import Engine
 from model_store.builder import write_manifest
 from model_store.loader import LoadedStore, load_store
 from model_store.manifest import MANIFEST_NAME
@@ -22,7 +21,7 @@ from training.rewards import get_reward
 
 def bone_soup_front(store: LoadedStore, cfg: EvalConfig, specs: list[str]) -> np.ndarray:
     """(len(preferences), n) mean rewards of Stage 1 alone over the config's prompts."""
-    eos = Engine(store).eos_ids
+    eos = store.eos_ids
     prompts = load_prompts(cfg.split)[: cfg.limit]
     ids = [encode_prompt(store.tokenizer, p["prompt"]) for p in prompts]
     texts = [p["prompt"] for p in prompts]

@@ -86,15 +86,9 @@ class Engine:
         self.running: list[Sequence] = []
         self.plans = MergeCache(cache_budget_bytes, on_event=self.observer.cache_event)
         self.special_ids = set(store.tokenizer.all_special_ids)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = store.eos_ids
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="mage-engine", daemon=True)
-
-    def _eos_ids(self) -> set[int]:
-        ids = {self.store.tokenizer.eos_token_id}
-        config_eos = getattr(self.store.model.generation_config, "eos_token_id", None)
-        ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
-        return {i for i in ids if i is not None}
 
     # --- lifecycle -------------------------------------------------------------------
     def start(self) -> None:

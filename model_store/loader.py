@@ -52,6 +52,14 @@ class LoadedStore:
         return len(self.checked.manifest.objectives)
 
     @property
+    def eos_ids(self) -> set[int]:
+        """Tokens that end a response: the tokenizer's EOS and the generation config's."""
+        ids = {self.tokenizer.eos_token_id}
+        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
+        return {i for i in ids if i is not None}
+
+    @property
     def backbone_slots(self) -> list[int]:
         return list(range(self.n_objectives))
 

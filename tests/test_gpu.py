@@ -44,7 +44,7 @@ def test_cuda_batched_eval_methods_match_cpu(tiny_store, method):
     outputs = []
     for device in ("cpu", "cuda"):
         store = load_store(tiny_store, device, "float32")
-        eos = Engine(store).eos_ids
+        eos = store.eos_ids
         beam = BeamSettings(width=2, expansion=2, interval=3)
         outputs.append(
             generate_batch(store, method, (0.3, 0.7), _eval_prompts(store), 6, 1.0, eos, beam)
@@ -54,7 +54,7 @@ def test_cuda_batched_eval_methods_match_cpu(tiny_store, method):
 
 def test_cuda_bfloat16_batched_eval_runs_every_method(tiny_store):
     store = load_store(tiny_store, "cuda", "auto")
-    eos = Engine(store).eos_ids
+    eos = store.eos_ids
     for method in METHODS:
         out = generate_batch(
             store, method, (0.5, 0.5), _eval_prompts(store), 4, 1.0, eos, BeamSettings(2, 1, 2)
