@@ -164,7 +164,7 @@ def parse_preferences(text: str) -> tuple[tuple[float, ...], ...]:
 
 def _eval(args: argparse.Namespace) -> int:
     from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
-    from guidance.batch import BeamSettings
+    from guidance.search import BeamSettings
     from model_store.validate import check_store
     from training.rewards import RewardError
 

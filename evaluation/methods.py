@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from guidance.batch import BeamSettings, beam_lookahead, greedy_generate
 from guidance.plan import build_plan
+from guidance.search import BeamSettings, beam_lookahead, greedy_generate
 from model_store.loader import LoadedStore
 
 
@@ -88,7 +88,7 @@ def generate_batch(
         pistar_merge=spec.pistar_merge,
     )
     if not spec.beam:
-        return greedy_generate(store, plan, prompts, max_new_tokens, gamma, eos_ids)
+        return greedy_generate(store, plan, prompts, max_new_tokens, gamma)
     found = beam_lookahead(store, plan, prompts, max_new_tokens, gamma, eos_ids, beam)
     return [tokens for tokens, _ in found]
 

@@ -20,7 +20,7 @@ from evaluation.methods import METHODS, decode, generate_batch
 from evaluation.metrics import chord_gaps, default_reference_point, summarise_front
 from evaluation.plot import plot_fronts
 from evaluation.resources import PeakMemory
-from guidance.batch import BeamSettings
+from guidance.search import BeamSettings
 from model_store.loader import LoadedStore, load_store
 from training.common import encode_prompt
 from training.prompts import load_prompts

@@ -1,240 +1,311 @@
-"""Batched offline decoding: many sequences of one plan per forward (evaluation, search).
+"""One batched step over sequences with different plans: forward, outputs, guided scores.
 
-The engine serves requests one forward per sequence; evaluation decodes hundreds of prompts
-under the same preference, so here S sequences are left-padded into one batch. Each sequence
-runs the plan's R rows (policy, pi_ref, pi*, LoRA value rows), so the shared base sees an
-(S * R, tokens) batch, sequence-major; standalone value models see (S, tokens).
-`greedy_generate` is the plain decode loop; `beam_lookahead` is Sec. 5.6.2's guided
-chunk-level beam search.
+Members (the engine's sequences, or a search's beams) each bring a DecodePlan and a gamma.
+Their rows share one padded KV lane of the shared base (guidance.kv), member-major, and the
+coefficient matrix stacks every plan's rows, so one forward runs every preference, guidance
+mode and merge method at once (model_store.multi_lora). Standalone value models get a lane
+each, shared by all members that need that model.
+
+A step: forward the new tokens -> outputs (K, vocab): the log-probabilities of every row a
+plan reads and the values of every value source, scored against the output embedding in one
+product -> guided scores (members, vocab), each member's weighted sum of its outputs (Eq. 25).
+Value heads are never merged per preference: each value row mixes the store's heads
+(guidance.value_head.HeadBank), so a new preference costs only its coefficient rows.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch.nn import functional
 
-from guidance.forward import RowOutputs, guidance_term, policy_logprobs
-from guidance.plan import DecodePlan, ValueSource
-from guidance.sampling import guided_scores
+from guidance.kv import KVLane
+from guidance.plan import DecodePlan
 from model_store.loader import LoadedStore
 
 
-class BatchDecoder:
-    """KV caches and attention masks of S sequences that share one plan."""
+class Member(Protocol):
+    """What the batch reads of a sequence."""
 
-    def __init__(self, store: LoadedStore, plan: DecodePlan) -> None:
-        self.store, self.plan = store, plan
-        self.pad_id = store.tokenizer.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = store.tokenizer.eos_token_id or 0
-        self.mask: torch.Tensor | None = None  # (S, past tokens), 0 on left padding
-        self.shared_cache: object | None = None
-        self.standalone_caches: list[object | None] = [None] * len(plan.values)
+    plan: DecodePlan
+    gamma: float
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each member's rows and outputs sit; rebuilt only when members change."""
+
+    base_rows: list[range]
+    """Per member, its rows of the base lane."""
+    base_member: list[int]
+    """Per base-lane row, its member."""
+    lane_rows: dict[int, list[tuple[int, int]]]
+    """Per standalone lane, its rows as (member, value source)."""
+    coefficients: torch.Tensor
+    """(rows, adapter slots): every member's plan rows, stacked."""
+    active: list[int]
+    """Adapter slots with a non-zero coefficient in some row."""
+    lm_rows: torch.Tensor
+    """(K_lm,) base rows scored as next-token log-probabilities."""
+    value_rows: torch.Tensor
+    """(K_v,) base rows of LoRA value sources."""
+    value_weights: torch.Tensor
+    """(K_v, objectives) in model dtype: each source's mix of the store's value heads."""
+    standalone: list[tuple[int, int, torch.Tensor]]
+    """Standalone value sources: (lane key, lane row, head mix (1, objectives))."""
+    term_index: torch.Tensor
+    """(members, terms) long: outputs each member's score sums (padding: weight 0)."""
+    policy_weight: torch.Tensor
+    """(members, terms) float32: the terms' weights in log pi."""
+    guidance_weight: torch.Tensor
+    """(members, terms) float32: the terms' weights in V."""
+    gamma: torch.Tensor
+    """(members, 1) float32: each member's gamma."""
+
+
+def combine(outputs: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(members, vocab) = per member, sum_t weight[t] * outputs[index[t]], in term order.
+
+    Padding terms point at the member's own first output with weight 0, so a broken row
+    of one member can never leak into another's score."""
+    scores = weight[:, :1] * outputs[index[:, 0]]
+    for t in range(1, index.shape[1]):
+        scores = scores + weight[:, t : t + 1] * outputs[index[:, t]]
+    return scores
+
+
+class Batch:
+    """The KV lanes and layout of a set of members."""
+
+    def __init__(self, store: LoadedStore) -> None:
+        self.store = store
+        self.members: list[Member] = []
+        self.base = KVLane(store.model.get_decoder(), store.device)
+        self.lanes: dict[int, KVLane] = {}
+        self.lane_models: dict[int, torch.nn.Module] = {}
+        self._layout: Layout | None = None
+        self._prompts: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
+        self.cursor = 0  # prefill columns done
+
+    def __len__(self) -> int:
+        return len(self.members)
 
     @property
-    def size(self) -> int:
-        return 0 if self.mask is None else int(self.mask.shape[0])
+    def rows(self) -> int:
+        return self.base.rows
 
-    def prefill(self, prompts: list[list[int]]) -> list[RowOutputs]:
-        """Left-pad the prompts into one batch and run them; outputs at each last token."""
+    def nbytes(self) -> int:
+        """KV bytes held by every lane."""
+        return self.base.nbytes() + sum(lane.nbytes() for lane in self.lanes.values())
+
+    @property
+    def layout(self) -> Layout:
+        if self._layout is None:
+            self._layout = build_layout(self.store, self.members)
+        return self._layout
+
+    # --- membership -------------------------------------------------------------------
+    def extend(self, other: Batch) -> None:
+        """Take over the members and KV of `other` (a prefilled batch of the same store)."""
+        self.base.join(other.base)
+        for key, lane in other.lanes.items():
+            if key not in self.lanes:
+                self.lanes[key] = KVLane(lane.decoder, self.store.device)
+                self.lane_models[key] = other.lane_models[key]
+            self.lanes[key].join(lane)
+        self.members = self.members + other.members
+        self._layout = None
+
+    def keep(self, index: list[int]) -> None:
+        """Keep these members, in this order (repeats allowed), freeing the others' KV."""
+        layout = self.layout
+        self.base.keep([row for m in index for row in layout.base_rows[m]])
+        for key in list(self.lanes):
+            rows = layout.lane_rows[key]
+            kept = [i for m in index for i, (owner, _) in enumerate(rows) if owner == m]
+            self.lanes[key].keep(kept)
+            if not kept:
+                del self.lanes[key], self.lane_models[key]
+        self.members = [self.members[m] for m in index]
+        self._layout = None
+        if self._prompts is not None:  # mid-prefill: the prompt matrix follows its members
+            ids, mask, lengths = self._prompts
+            rows = torch.tensor(index, device=ids.device)
+            self._prompts = (ids[rows], mask[rows], [lengths[m] for m in index])
+
+    # --- prefill ------------------------------------------------------------------------
+    def start(self, members: list[Member], prompts: list[list[int]]) -> None:
+        """Make this (empty) batch prefill `prompts`, left-padded to the longest."""
+        assert not self.members, "prefill starts on an empty batch"
+        self.members = list(members)
+        self._layout = None
+        for member in members:
+            for source in member.plan.values:
+                model = source.model
+                if model is not None and id(model) not in self.lanes:
+                    self.lanes[id(model)] = KVLane(model.get_decoder(), self.store.device)
+                    self.lane_models[id(model)] = model
+        self.base.open(len(self.layout.base_member))
+        for key, lane in self.lanes.items():
+            lane.open(len(self.layout.lane_rows[key]))
         longest = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        ids = torch.full((len(prompts), longest), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)
         for i, prompt in enumerate(prompts):
             ids[i, longest - len(prompt) :] = torch.tensor(prompt)
             mask[i, longest - len(prompt) :] = 1
-        self.mask = mask.to(self.store.device)
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (S, T): 0 at each first token
-        return self._forward(ids.to(self.store.device), positions)
+        device = self.store.device
+        self._prompts = (ids.to(device), mask.to(device), [len(p) for p in prompts])
+        self.cursor = 0
 
-    def step(self, tokens: list[int]) -> list[RowOutputs]:
-        """Append one token per sequence and run it."""
-        assert self.mask is not None, "prefill first"
-        ones = torch.ones((self.size, 1), dtype=self.mask.dtype, device=self.mask.device)
-        self.mask = torch.cat([self.mask, ones], dim=1)
-        positions = self.mask.sum(-1, keepdim=True) - 1  # (S, 1)
-        ids = torch.tensor(tokens, device=self.store.device)[:, None]
-        return self._forward(ids, positions)
+    @property
+    def prefill_left(self) -> int:
+        """Prompt columns still to prefill."""
+        return 0 if self._prompts is None else self._prompts[0].shape[1] - self.cursor
 
-    def select(self, sequences: list[int]) -> None:
-        """Keep (and repeat) these sequences, in this order: beam search's reorder."""
-        index = torch.tensor(sequences, device=self.store.device)
-        rows = self.plan.rows
-        row_index = (index[:, None] * rows + torch.arange(rows, device=index.device)).flatten()
-        self.shared_cache.reorder_cache(row_index)
-        for cache in self.standalone_caches:
-            if cache is not None:
-                cache.reorder_cache(index)
-        self.mask = self.mask[index]
+    def prefill(self, width: int) -> torch.Tensor | None:
+        """Run the next `width` prompt columns; the outputs (K, vocab) once the last is done."""
+        assert self._prompts is not None, "start first"
+        ids, mask, lengths = self._prompts
+        start, longest = self.cursor, ids.shape[1]
+        stop = min(longest, start + width)
+        # Each member's real tokens sit in its last len(prompt) columns.
+        real = [max(0, stop - max(start, longest - n)) for n in lengths]
+        outputs = self._step(ids[:, start:stop], mask[:, start:stop], real)
+        self.cursor = stop
+        if stop < longest:
+            return None
+        self._prompts = None
+        return outputs
+
+    # --- decode -------------------------------------------------------------------------
+    def decode(self, tokens: list[int]) -> torch.Tensor:
+        """Append one token per member; returns the outputs (K, vocab)."""
+        ids = torch.tensor(tokens, device=self.store.device)[:, None]  # (members, 1)
+        return self._step(ids, torch.ones_like(ids), [1] * len(tokens))
+
+    def scores(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Guided scores log pi + gamma V (Eq. 25) per member: (members, vocab)."""
+        layout = self.layout
+        weight = layout.policy_weight + layout.gamma * layout.guidance_weight
+        return combine(outputs, layout.term_index, weight)
+
+    def parts(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi and V separately, (members, vocab) each (beam search scores beams by V)."""
+        layout = self.layout
+        return (
+            combine(outputs, layout.term_index, layout.policy_weight),
+            combine(outputs, layout.term_index, layout.guidance_weight),
+        )
+
+    # --- internals ----------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        tokenizer = self.store.tokenizer
+        pad = tokenizer.pad_token_id
+        return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
     @torch.inference_mode()
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor) -> list[RowOutputs]:
-        model, plan, rows = self.store.model, self.plan, self.plan.rows
-        self.store.coefficients.set(plan.coefficients.repeat(self.size, 1))  # (S*R, slots)
+    def _step(self, ids: torch.Tensor, mask: torch.Tensor, real: list[int]) -> torch.Tensor:
+        """Forward a block (members, width) through every lane; the step's outputs."""
+        layout, store = self.layout, self.store
+        rows = torch.tensor(layout.base_member, device=store.device)
+        store.coefficients.set(layout.coefficients, layout.active)
         try:
-            out = model.get_decoder()(
-                input_ids=ids.repeat_interleave(rows, 0),  # (S*R, t)
-                attention_mask=self.mask.repeat_interleave(rows, 0),
-                position_ids=positions.repeat_interleave(rows, 0),
-                cache=self.shared_cache,
-                use_cache=True,
-            )
+            hidden = self.base.forward(ids[rows], mask[rows], [real[m] for m in layout.base_member])
         finally:
-            self.store.coefficients.set(None)
-        self.shared_cache = out.cache
-        hidden = out.last_hidden_state[:, -1].view(self.size, rows, -1)  # (S, R, hidden)
-        lm_rows = plan.logprob_rows
-        logits = model.get_output_embeddings()(hidden[:, lm_rows]).float()  # (S, L, vocab)
-        logprobs = torch.log_softmax(logits, -1)
-        values = [
-            self._values(index, source, hidden, ids, positions)
-            for index, source in enumerate(plan.values)
-        ]  # per source: (S, vocab)
-        return [
-            RowOutputs(
-                {row: logprobs[s, i] for i, row in enumerate(lm_rows)},
-                [v[s] for v in values],
-            )
-            for s in range(self.size)
-        ]
+            store.coefficients.set(None)
+        lane_hidden = {}
+        for key, lane in self.lanes.items():
+            owners = [m for m, _ in layout.lane_rows[key]]
+            index = torch.tensor(owners, device=store.device)
+            lane_hidden[key] = lane.forward(ids[index], mask[index], [real[m] for m in owners])
+        return self._outputs(hidden, lane_hidden)
 
-    def _values(
-        self,
-        index: int,
-        source: ValueSource,
-        hidden: torch.Tensor,  # (S, R, hidden)
-        ids: torch.Tensor,  # (S, t)
-        positions: torch.Tensor,  # (S, t)
-    ) -> torch.Tensor:
-        """Values of one explicit source for every sequence: (S, vocab)."""
-        if source.model is None:  # LoRA value model: a row of the shared forward
-            embedding = self.store.model.get_output_embeddings().weight
-            return source.head(hidden[:, source.row], embedding).float()
-        out = source.model.get_decoder()(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            cache=self.standalone_caches[index],
-            use_cache=True,
-        )
-        self.standalone_caches[index] = out.cache
-        embedding = source.model.get_output_embeddings().weight
-        return source.head(out.last_hidden_state[:, -1], embedding).float()
+    def _outputs(self, hidden: torch.Tensor, lane_hidden: dict[int, torch.Tensor]) -> torch.Tensor:
+        """(K, vocab): log pi of the lm rows, then the values of LoRA and standalone sources."""
+        layout, bank = self.layout, self.store.value_bank
+        embedding = self.store.model.get_output_embeddings()
+        rows = hidden[layout.lm_rows]  # (K_lm, hidden)
+        k_lm, k_v = rows.shape[0], layout.value_rows.shape[0]
+        tied = k_v and bank.kind == "tied"
+        if tied:  # V = E (sum_i w_i (P_i h + p_i)) + sum_i w_i c_i: one product with E for all
+            projected = bank.project(hidden[layout.value_rows], layout.value_weights)
+            rows = torch.cat([rows, projected])
+        logits = functional.linear(rows, embedding.weight)  # (K_lm [+ K_v], vocab)
+        if embedding.bias is not None:
+            logits[:k_lm] += embedding.bias
+        parts = [torch.log_softmax(logits[:k_lm].float(), -1)]
+        if tied:
+            parts.append((logits[k_lm:] + bank.out_bias(layout.value_weights)).float())
+        elif k_v:
+            values = bank(hidden[layout.value_rows], layout.value_weights, embedding.weight)
+            parts.append(values.float())
+        for key, row, weights in layout.standalone:
+            own = self.lane_models[key].get_output_embeddings().weight
+            parts.append(bank(lane_hidden[key][row][None], weights, own).float())
+        return torch.cat(parts)
 
 
-def _scores(plan: DecodePlan, outputs: list[RowOutputs], gamma: float) -> torch.Tensor:
-    """Guided log-scores of Eq. (25) per sequence: (S, vocab)."""
-    return torch.stack(
-        [guided_scores(policy_logprobs(plan, o), guidance_term(plan, o), gamma) for o in outputs]
+def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
+    """Number every member's rows and outputs; one pass over the plans."""
+    base_rows, base_member, coefficients = [], [], []
+    lane_rows: dict[int, list[tuple[int, int]]] = {}
+    lm_rows: list[int] = []
+    value_rows: list[int] = []
+    value_weights: list[torch.Tensor] = []
+    standalone: list[tuple[int, int, torch.Tensor]] = []
+    outputs_of: list[list[tuple[str, int]]] = []  # per member: (kind, position) per output
+    first = 0
+    for m, member in enumerate(members):
+        plan = member.plan
+        base_rows.append(range(first, first + plan.rows))
+        base_member += [m] * plan.rows
+        coefficients.append(plan.coefficients)
+        own = [("lm", len(lm_rows) + i) for i in range(len(plan.logprob_rows))]
+        lm_rows += [first + row for row in plan.logprob_rows]
+        for k, source in enumerate(plan.values):
+            if source.model is not None:
+                rows = lane_rows.setdefault(id(source.model), [])
+                own.append(("standalone", len(standalone)))
+                weights = source.weights[None].to(store.device, store.dtype)
+                standalone.append((id(source.model), len(rows), weights))
+                rows.append((m, k))
+            else:
+                own.append(("value", len(value_rows)))
+                value_rows.append(first + source.row)
+                value_weights.append(source.weights)
+        outputs_of.append(own)
+        first += plan.rows
+    offset = {"lm": 0, "value": len(lm_rows), "standalone": len(lm_rows) + len(value_rows)}
+    width = max(len(member.plan.terms) for member in members)
+    index = torch.zeros((len(members), width), dtype=torch.long)
+    policy = torch.zeros((len(members), width))
+    guidance = torch.zeros((len(members), width))
+    for m, member in enumerate(members):
+        own = [offset[kind] + position for kind, position in outputs_of[m]]
+        index[m] = own[0]  # padding terms: the member's own first output, weight 0
+        for t, term in enumerate(member.plan.terms):
+            index[m, t], policy[m, t], guidance[m, t] = own[term.output], term.policy, term.guidance
+    device = store.device
+    active = sorted({slot for member in members for slot in member.plan.active_slots})
+    return Layout(
+        base_rows=base_rows,
+        base_member=base_member,
+        lane_rows=lane_rows,
+        coefficients=torch.cat(coefficients),
+        active=active,
+        lm_rows=torch.tensor(lm_rows, dtype=torch.long, device=device),
+        value_rows=torch.tensor(value_rows, dtype=torch.long, device=device),
+        value_weights=(
+            torch.stack(value_weights).to(device, store.dtype)
+            if value_weights
+            else torch.zeros((0, store.n_objectives), device=device, dtype=store.dtype)
+        ),
+        standalone=standalone,
+        term_index=index.to(device),
+        policy_weight=policy.to(device),
+        guidance_weight=guidance.to(device),
+        gamma=torch.tensor([[member.gamma] for member in members], device=device),
     )
-
-
-def greedy_generate(
-    store: LoadedStore,
-    plan: DecodePlan,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    gamma: float,
-    eos_ids: set[int],
-) -> list[list[int]]:
-    """Greedy guided decoding of every prompt under one plan; token ids per prompt (an EOS
-    ends a sequence and is included)."""
-    decoder = BatchDecoder(store, plan)
-    outputs = decoder.prefill(prompts)
-    generated: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    for step in range(max_new_tokens):
-        tokens = _scores(plan, outputs, gamma).argmax(-1).tolist()  # guide -> sample
-        for i, token in enumerate(tokens):
-            if not done[i]:
-                generated[i].append(token)
-                done[i] = token in eos_ids
-        if all(done) or step == max_new_tokens - 1:
-            break
-        outputs = decoder.step(tokens)  # forward
-    return generated
-
-
-@dataclass(frozen=True)
-class BeamSettings:
-    """Guided beam lookahead of Sec. 5.6.2 ("MAGE-I-M-b4c1l10")."""
-
-    width: int = 4
-    """b: beams kept after each chunk."""
-    expansion: int = 1
-    """c: continuations sampled from each kept beam."""
-    interval: int = 10
-    """l: tokens per chunk between two selections."""
-    seed: int = 0
-    """Seed of the chunk sampling."""
-
-
-def _beam_score(plan: DecodePlan, out: RowOutputs, token: int) -> tuple[float, bool]:
-    """(increment, replaces) of a beam's score for choosing `token`.
-
-    Implicit guidance scores a beam by its summed log pi*/pi_ref (the implicit reward of
-    Eq. 23, as in weak-to-strong search); explicit guidance by the value of the latest token,
-    which Eq. (16) trains to predict the final reward; no guidance by the policy likelihood.
-    """
-    term = guidance_term(plan, out)
-    if plan.values:
-        return float(term[token]), True
-    if term is not None:
-        return float(term[token]), False
-    return float(policy_logprobs(plan, out)[token]), False
-
-
-def beam_lookahead(
-    store: LoadedStore,
-    plan: DecodePlan,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    gamma: float,
-    eos_ids: set[int],
-    settings: BeamSettings,
-) -> list[tuple[list[int], float]]:
-    """Chunk-level beam search for several prompts in one batch: every beam samples
-    `expansion` continuations of `interval` tokens from the guided distribution
-    softmax(log pi + gamma V) (Eq. 25); per prompt, the `width` best-scoring candidates
-    survive each chunk. Returns per prompt its best beam and that beam's score."""
-    b, c = settings.width, settings.expansion
-    group = b * c  # candidates per prompt; sequence i belongs to prompt i // group
-    generator = torch.Generator(device="cpu").manual_seed(settings.seed)
-    decoder = BatchDecoder(store, plan)
-    first = decoder.prefill(prompts)
-    start = [p for p in range(len(prompts)) for _ in range(group)]
-    decoder.select(start)
-    outputs = [first[p] for p in start]
-    beams: list[list[int]] = [[] for _ in start]
-    scores, done = [0.0] * len(start), [False] * len(start)
-
-    def best_per_prompt() -> list[tuple[list[int], float]]:
-        firsts = range(0, len(beams), group)
-        best = [max(range(f, f + group), key=scores.__getitem__) for f in firsts]
-        return [(beams[i], scores[i]) for i in best]
-
-    while True:
-        for _ in range(settings.interval):
-            probs = torch.softmax(_scores(plan, outputs, gamma), -1).cpu()  # (S, vocab)
-            tokens = torch.multinomial(probs, 1, generator=generator)[:, 0].tolist()
-            for i, token in enumerate(tokens):
-                if done[i]:
-                    tokens[i] = beams[i][-1]
-                    continue
-                increment, replaces = _beam_score(plan, outputs[i], token)
-                scores[i] = increment if replaces else scores[i] + increment
-                beams[i].append(token)
-                done[i] = token in eos_ids
-            if all(done) or max(len(beam) for beam in beams) >= max_new_tokens:
-                return best_per_prompt()
-            outputs = decoder.step(tokens)
-        chosen = []
-        for first_index in range(0, len(beams), group):
-            members = range(first_index, first_index + group)
-            keep = sorted(members, key=scores.__getitem__, reverse=True)[:b]
-            chosen += [k for k in keep for _ in range(c)]
-        decoder.select(chosen)
-        beams = [list(beams[k]) for k in chosen]
-        scores, done = [scores[k] for k in chosen], [done[k] for k in chosen]
-        outputs = [outputs[k] for k in chosen]

@@ -1,26 +1,41 @@
-"""The engine thread: owns the models, admits requests from a bounded queue, decodes.
+"""The engine thread: continuous batching of requests with mixed preferences.
 
-The HTTP layer never touches a model: it submits GenerationRequests and receives events
-through the callback each RequestHandle carries.
+Requests wait in a bounded queue; between steps they are admitted (plan from the merge
+cache), prefilled in groups under a per-step token budget (chunked prefill), then join the
+decoding batch. Every step decodes all running sequences in one forward of the shared base,
+whatever their preference, guidance mode or merge method (guidance.batch); finished or
+cancelled ones leave at once. The HTTP layer never touches a model: it submits requests and
+receives events through the callback each RequestHandle carries.
+
+Faults stay with the request that caused them: admission, planning and emission errors fail
+that request; a failed shared prefill is retried one request at a time; a failed decode
+forward fails the requests in it and the engine carries on. `health()` tells the probes
+when the engine thread itself is gone or stuck.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
-from transformers.generation.logits_process import LogitsProcessorList
 
+from guidance.batch import Batch
 from guidance.detokenize import IncrementalDetokenizer
-from guidance.forward import KVState, forward_plan, guidance_term, policy_logprobs
 from guidance.plan import DecodePlan, build_plan, round_preference
-from guidance.requests import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
-from guidance.sampling import build_warpers, choose_token, guided_scores
+from guidance.requests import (
+    ErrorEvent,
+    Event,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
+from guidance.sampling import Pick, choose_tokens
 from merging.cache import MergeCache
 from model_store.loader import LoadedStore
 
@@ -28,7 +43,11 @@ log = logging.getLogger("mage.engine")
 
 
 class QueueFullError(Exception):
-    """The waiting queue is full; the caller should answer 429."""
+    """The server holds as many requests as it may; the caller should answer 429."""
+
+
+class EngineUnavailableError(Exception):
+    """The engine thread is gone or stuck; the caller should answer 503."""
 
 
 class EngineObserver:
@@ -42,9 +61,29 @@ class EngineObserver:
     def cache_event(self, event: str) -> None: ...
 
 
-@dataclass
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of one engine."""
+
+    max_queue: int = 64
+    """Requests waiting beyond the running ones; past max_queue + max_running, 429."""
+    max_running: int = 16
+    """Requests prefilling or decoding at once (one batch)."""
+    kv_budget_tokens: int | None = None
+    """KV token-rows the batch may hold (rows x longest prompt + max_new_tokens, since the
+    batch is padded to its longest sequence); None: unbounded."""
+    prefill_tokens: int | None = 512
+    """Prompt token-rows prefilled per step, so a long prompt cannot stall running streams
+    (chunked prefill); None: a whole group at once (offline use)."""
+    cache_budget_bytes: int = 256 << 20
+    """Byte budget of the per-preference merge cache."""
+    stall_timeout_s: float = 120.0
+    """With work waiting, no completed loop for this long makes `health()` report a stall."""
+
+
+@dataclass(eq=False)
 class Sequence:
-    """Decode state of one running request."""
+    """Decode state of one admitted request (a member of a Batch)."""
 
     handle: RequestHandle
     plan: DecodePlan
@@ -57,149 +96,302 @@ class Sequence:
     seed: int | None
     ids: list[int]
     """Prompt then generated token ids."""
-    warpers: LogitsProcessorList
-    """Temperature / top-k / top-p, applied after guidance."""
-    kv: KVState = field(default_factory=KVState)
     generated: int = 0
     last_token_at: float = 0.0
+    finished: bool = False
 
     @property
     def request(self) -> GenerationRequest:
         return self.handle.request
 
+    @property
+    def gamma(self) -> float:
+        return self.request.gamma
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.request.sampling
+
+    @property
+    def kv_rows(self) -> int:
+        """Rows this sequence adds to the lanes: its plan's rows and standalone models."""
+        return self.plan.rows + sum(source.model is not None for source in self.plan.values)
+
+
+def _done(events: list[Event]) -> bool:
+    return bool(events) and (isinstance(events[-1], ErrorEvent) or events[-1].details is not None)
+
 
 class Engine:
-    """Runs generation for every request on one thread."""
+    """Runs generation for every request on one thread, all running requests per step."""
 
     def __init__(
         self,
         store: LoadedStore,
-        max_queue: int = 64,
-        max_running: int = 4,
-        cache_budget_bytes: int = 256 << 20,
+        config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
     ):
-        self.store = store
+        self.store, self.config = store, config or EngineConfig()
         self.observer = observer or EngineObserver()
-        self.waiting: queue.Queue[RequestHandle] = queue.Queue(maxsize=max_queue)
-        self.max_running = max_running
-        self.running: list[Sequence] = []
-        self.plans = MergeCache(cache_budget_bytes, on_event=self.observer.cache_event)
+        self.plans = MergeCache(self.config.cache_budget_bytes, on_event=self.observer.cache_event)
         self.special_ids = set(store.tokenizer.all_special_ids)
         self.eos_ids = store.eos_ids
+        self.waiting: deque[RequestHandle] = deque()
+        self.decoding = Batch(store)
+        self.prefilling: Batch | None = None
+        self._held: Sequence | None = None  # head of the queue, prepared, waiting for room
+        self._retry: deque[Sequence] = deque()  # prefilled alone after a shared prefill failed
+        self._accepted = 0  # waiting + held + running
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
+        self.heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="mage-engine", daemon=True)
 
-    # --- lifecycle -------------------------------------------------------------------
+    # --- lifecycle and the HTTP side ------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         self._thread.join(timeout=10)
 
     @property
     def queue_size(self) -> int:
-        return self.waiting.qsize()
+        return len(self.waiting) + (self._held is not None) + len(self._retry)
 
-    def submit(self, handle: RequestHandle) -> None:
-        try:
-            self.waiting.put_nowait(handle)
-        except queue.Full:
-            raise QueueFullError(f"queue is full ({self.waiting.maxsize} waiting)") from None
-        self.observer.queued(self.waiting.qsize())
+    @property
+    def running(self) -> int:
+        members = self.decoding.members + (self.prefilling.members if self.prefilling else [])
+        return sum(not seq.finished for seq in members)
+
+    def kv_bytes(self) -> int:
+        """KV-cache bytes held by the decoding and prefilling batches."""
+        batches = [self.decoding, self.prefilling]
+        return sum(batch.nbytes() for batch in batches if batch is not None)
+
+    def health(self) -> str | None:
+        """None while the engine works; otherwise why it does not (for /health and /ready)."""
+        if self._thread.ident is not None and not self._thread.is_alive():
+            return "the engine thread has stopped"
+        idle = time.monotonic() - self.heartbeat
+        if self._thread.is_alive() and self._busy() and idle > self.config.stall_timeout_s:
+            return f"the engine has completed no step for {idle:.0f} s"
+        return None
+
+    def submit(self, handle: RequestHandle, bounded: bool = True) -> None:
+        """Queue a request; QueueFullError past max_queue + max_running accepted requests."""
+        reason = self.health()
+        if reason is not None:
+            raise EngineUnavailableError(reason)
+        capacity = self.config.max_queue + self.config.max_running
+        with self._lock:
+            if bounded and self._accepted >= capacity:
+                raise QueueFullError(f"the server holds {capacity} requests, its limit")
+            self._accepted += 1
+            self.waiting.append(handle)
+        self.observer.queued(self.queue_size)
+        self._wake.set()
+
+    def run_all(
+        self, requests: list[GenerationRequest], on_event: Callable[[Event], None] | None = None
+    ) -> list[list[Event]]:
+        """Offline use (evaluation, benchmarks, tests), with the engine thread not started:
+        submit every request, step until each has its last event; the events per request."""
+        events: list[list[Event]] = [[] for _ in requests]
+        for request, own in zip(requests, events, strict=True):
+
+            def record(event: Event, own: list[Event] = own) -> None:
+                own.append(event)
+                if on_event is not None:
+                    on_event(event)
+
+            self.submit(RequestHandle(request, record, time.monotonic()), bounded=False)
+        while not all(_done(own) for own in events) and self._busy():
+            self.step()
+        return events
 
     def run_to_completion(
         self, request: GenerationRequest, on_event: Callable[[Event], None] | None = None
     ) -> list[Event]:
-        """Offline use (evaluation, benchmarks, tests), with the engine thread not started:
-        submit one request and step until its last event; returns every event."""
-        events: list[Event] = []
+        """One request, offline (see run_all)."""
+        return self.run_all([request], on_event)[0]
 
-        def record(event: Event) -> None:
-            events.append(event)
-            if on_event is not None:
-                on_event(event)
-
-        self.submit(RequestHandle(request, record, time.monotonic()))
-        while not events or (isinstance(events[-1], TokenEvent) and events[-1].details is None):
-            self.step()
-        return events
+    def _busy(self) -> bool:
+        return bool(self.waiting or self._held or self._retry or self.prefilling or self.decoding)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.running:
-                try:
-                    self._admit(self.waiting.get(timeout=0.05))
-                except queue.Empty:
-                    continue
-            self.step()
-
-    # --- the decode step: schedule -> forward -> guide -> sample -> emit ---------------
-    def step(self) -> None:
-        self._schedule()
-        for seq in list(self.running):
-            if self._abandoned(seq):
+            self.heartbeat = time.monotonic()
+            if not self._busy():
+                self._wake.wait(0.05)
+                self._wake.clear()
                 continue
             try:
-                new_ids = torch.tensor(
-                    seq.ids[-1:] if seq.generated else seq.ids, device=self.store.device
+                self.step()
+            except Exception as exc:  # a bug outside the per-request guards: fail, carry on
+                log.exception("engine step failed")
+                self._fail_all(f"engine step failed: {exc}")
+
+    # --- the step: schedule -> forward -> guide -> sample -> emit ----------------------------
+    def step(self) -> None:
+        self._schedule()
+        ready = self._forward()
+        members = [seq for batch, _ in ready for seq in batch.members]
+        if members:
+            try:
+                scores = torch.cat([batch.scores(out) for batch, out in ready])  # Eq. (25)
+                picks = choose_tokens(
+                    scores, [s.sampling for s in members], [s.generator for s in members]
                 )
-                out = forward_plan(self.store, seq.plan, new_ids, seq.kv)  # forward
-                scores = guided_scores(
-                    policy_logprobs(seq.plan, out),  # guide
-                    guidance_term(seq.plan, out),
-                    seq.request.gamma,
-                )
-                token, logprob = choose_token(
-                    scores,
-                    seq.request.sampling,
-                    seq.warpers,  # sample
-                    seq.generator,
-                    torch.tensor(seq.ids),
-                )
-                self._emit(seq, token, logprob)  # emit
-            except Exception as exc:  # a failing request must not take the engine down
-                log.exception("generation failed for %s", seq.request.request_id)
-                self._finish(seq, "error", ErrorEvent(f"generation failed: {exc}", "generation"))
+            except Exception as exc:
+                log.exception("guidance or sampling failed")
+                self._fail(members, f"guidance or sampling failed: {exc}")
+            else:
+                for seq, pick in zip(members, picks, strict=True):
+                    self._emit(seq, pick)
+        self._settle(prefilled=any(batch is self.prefilling for batch, _ in ready))
 
     def _schedule(self) -> None:
-        while len(self.running) < self.max_running:
-            try:
-                self._admit(self.waiting.get_nowait())
-            except queue.Empty:
-                return
+        """Drop abandoned sequences, then start the next prefill group if none is running."""
+        for batch in (self.decoding, self.prefilling):
+            if batch is not None:
+                for seq in batch.members:
+                    self._check_abandoned(seq)
+        self._settle(prefilled=False)
+        if self.prefilling is None:
+            self.prefilling = self._next_group()
 
-    def _admit(self, handle: RequestHandle) -> None:
-        request = handle.request
+    def _forward(self) -> list[tuple[Batch, torch.Tensor]]:
+        """Decode every running sequence (one forward), and the prefill group's next chunk."""
+        ready: list[tuple[Batch, torch.Tensor]] = []
+        if self.decoding:
+            tokens = [seq.ids[-1] for seq in self.decoding.members]
+            try:
+                ready.append((self.decoding, self.decoding.decode(tokens)))
+            except Exception as exc:
+                log.exception("decode forward failed")
+                self._fail(self.decoding.members, f"batched forward failed: {exc}")
+                self.decoding = Batch(self.store)
+        group = self.prefilling
+        if group is not None:
+            budget = self.config.prefill_tokens
+            width = group.prefill_left if budget is None else max(1, budget // group.rows)
+            try:
+                outputs = group.prefill(width)
+            except Exception as exc:
+                self._prefill_failed(group, exc)
+            else:
+                if outputs is not None:
+                    ready.append((group, outputs))
+        return ready
+
+    def _prefill_failed(self, group: Batch, exc: Exception) -> None:
+        """Retry the members one by one, so only the request that breaks fails."""
+        self.prefilling = None
+        members = [seq for seq in group.members if not seq.finished]
+        if len(members) == 1:
+            log.exception("prefill failed for %s", members[0].request.request_id)
+            self._fail(members, f"prefill failed: {exc}")
+        else:
+            self._retry.extend(members)
+
+    def _settle(self, prefilled: bool) -> None:
+        """Finished sequences leave their batch; a prefilled group joins the decoding one."""
+        for batch in (self.decoding, self.prefilling):
+            if batch is not None and any(seq.finished for seq in batch.members):
+                batch.keep([i for i, seq in enumerate(batch.members) if not seq.finished])
+        group = self.prefilling
+        if group is not None and (prefilled or not group):
+            if group:
+                self.decoding.extend(group)
+            self.prefilling = None
+
+    # --- admission ----------------------------------------------------------------------
+    def _next_group(self) -> Batch | None:
+        if self._retry:
+            return self._start([self._retry.popleft()])
+        group: list[Sequence] = []
+        while len(self.decoding) + len(group) < self.config.max_running:
+            seq, self._held = self._held or self._prepare_next(), None
+            if seq is None:
+                break
+            self._check_abandoned(seq)
+            if seq.finished:
+                continue
+            if not self._fits(group, seq):
+                if not group and not self.decoding:
+                    budget = self.config.kv_budget_tokens
+                    message = (
+                        f"prompt tokens + max_new_tokens times the {seq.kv_rows} rows of mode "
+                        f"{seq.plan.mode!r} exceed the server's KV budget of {budget} tokens"
+                    )
+                    self._finish(seq, "validation", ErrorEvent(message, "validation"))
+                    continue
+                self._held = seq
+                break
+            group.append(seq)
+        return self._start(group) if group else None
+
+    def _fits(self, group: list[Sequence], seq: Sequence) -> bool:
+        members = [*group, seq]
+        budget = self.config.prefill_tokens
+        longest_prompt = max(len(s.request.prompt_ids) for s in members)
+        if (
+            group
+            and budget is not None
+            and sum(s.kv_rows for s in members) * longest_prompt > budget
+        ):
+            return False
+        kv = self.config.kv_budget_tokens
+        if kv is None:
+            return True
+        everyone = [*self.decoding.members, *members]
+        longest = max(len(s.request.prompt_ids) + s.request.max_new_tokens for s in everyone)
+        return sum(s.kv_rows for s in everyone) * longest <= kv
+
+    def _start(self, group: list[Sequence]) -> Batch:
+        batch = Batch(self.store)
+        batch.start(group, [list(seq.request.prompt_ids) for seq in group])
         now = time.monotonic()
+        for seq in group:
+            seq.last_token_at = now
+            self.observer.admitted(now - seq.handle.submitted_at, self.running + 1)
+        return batch
+
+    def _prepare_next(self) -> Sequence | None:
+        """The next waiting request made ready to prefill, or None when none is left."""
+        while True:
+            with self._lock:
+                if not self.waiting:
+                    return None
+                handle = self.waiting.popleft()
+            try:
+                seq = self._prepare(handle)
+            except ValueError as exc:
+                self._finish_handle(handle, "validation", ErrorEvent(str(exc), "validation"))
+                continue
+            except Exception as exc:  # any other fault stays with this request
+                log.exception("admission failed for %s", handle.request.request_id)
+                message = f"admission failed: {exc}"
+                self._finish_handle(handle, "error", ErrorEvent(message, "generation"))
+                continue
+            if seq is not None:
+                return seq
+
+    def _prepare(self, handle: RequestHandle) -> Sequence | None:
+        request = handle.request
         if handle.cancelled.is_set():
-            self.observer.finished("cancelled", now - handle.submitted_at, 0, len(self.running))
-            return
-        try:
-            plan, hit = self._plan_for(request)
-        except ValueError as exc:
-            handle.on_event(ErrorEvent(str(exc), "validation"))
-            self.observer.finished("error", now - handle.submitted_at, 0, len(self.running))
-            return
-        seed = request.sampling.seed
-        generator = None
+            self._finish_handle(handle, "cancelled", None)
+            return None
+        plan, hit = (request.plan, False) if request.plan is not None else self._plan_for(request)
+        seed, generator = request.sampling.seed, None
         if not request.sampling.greedy:
             seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             generator = torch.Generator(device=self.store.device).manual_seed(seed)
-        seq = Sequence(
-            handle,
-            plan,
-            hit,
-            IncrementalDetokenizer(self.store.tokenizer),
-            generator,
-            seed,
-            list(request.prompt_ids),
-            last_token_at=now,
-            warpers=build_warpers(request.sampling),
-        )
-        self.running.append(seq)
-        self.observer.admitted(now - handle.submitted_at, len(self.running))
+        detok = IncrementalDetokenizer(self.store.tokenizer)
+        return Sequence(handle, plan, hit, detok, generator, seed, list(request.prompt_ids))
 
     def _plan_for(self, request: GenerationRequest) -> tuple[DecodePlan, bool]:
         mu = round_preference(request.preference)
@@ -214,17 +406,32 @@ class Engine:
         self.observer.merge(time.perf_counter() - started)
         return plan, hit
 
-    def _abandoned(self, seq: Sequence) -> bool:
-        request = seq.request
+    # --- emit and finish --------------------------------------------------------------------
+    def _check_abandoned(self, seq: Sequence) -> None:
+        if seq.finished:
+            return
         if seq.handle.cancelled.is_set():
             self._finish(seq, "cancelled", None)
-            return True
-        if request.deadline is not None and time.monotonic() > request.deadline:
+        elif seq.request.deadline is not None and time.monotonic() > seq.request.deadline:
             self._finish(seq, "timeout", ErrorEvent("request exceeded its deadline", "timeout"))
-            return True
-        return False
 
-    def _emit(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _emit(self, seq: Sequence, pick: Pick) -> None:
+        if seq.finished:
+            return
+        if not pick.finite:
+            message = (
+                "the guided scores log pi + gamma V are not finite (NaN or infinity); "
+                "try a smaller guidance.gamma"
+            )
+            self._finish(seq, "error", ErrorEvent(message, "generation"))
+            return
+        try:
+            self._emit_token(seq, pick.token, pick.logprob)
+        except Exception as exc:
+            log.exception("emitting failed for %s", seq.request.request_id)
+            self._finish(seq, "error", ErrorEvent(f"generation failed: {exc}", "generation"))
+
+    def _emit_token(self, seq: Sequence, token: int, logprob: float) -> None:
         now = time.monotonic()
         self.observer.token(now - seq.last_token_at, first=seq.generated == 0)
         seq.last_token_at = now
@@ -245,7 +452,7 @@ class Engine:
         self._finish(seq, "success", event)
 
     def _finish_reason(self, seq: Sequence, token: int, new_chars: int) -> str | None:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.request.ignore_eos:
             return "eos_token"
         # Only text that includes the new characters can hold a stop sequence not seen before.
         longest = max((len(s) for s in seq.request.stop), default=0)
@@ -269,9 +476,32 @@ class Engine:
             "merge_cache_hit": seq.cache_hit,
         }
 
+    def _fail(self, members: list[Sequence], message: str) -> None:
+        for seq in members:
+            if not seq.finished:
+                self._finish(seq, "error", ErrorEvent(message, "generation"))
+
+    def _fail_all(self, message: str) -> None:
+        """Fail every admitted request and start from empty batches (the queue is kept)."""
+        members = self.decoding.members + (self.prefilling.members if self.prefilling else [])
+        self._fail([*members, *self._retry], message)
+        self.decoding, self.prefilling = Batch(self.store), None
+        self._retry.clear()
+
     def _finish(self, seq: Sequence, outcome: str, event: TokenEvent | ErrorEvent | None) -> None:
-        self.running.remove(seq)
+        seq.finished = True
+        self._finish_handle(seq.handle, outcome, event, seq.generated)
+
+    def _finish_handle(
+        self,
+        handle: RequestHandle,
+        outcome: str,
+        event: TokenEvent | ErrorEvent | None,
+        generated: int = 0,
+    ) -> None:
+        with self._lock:
+            self._accepted -= 1
         if event is not None:
-            seq.handle.on_event(event)
-        elapsed = time.monotonic() - seq.handle.submitted_at
-        self.observer.finished(outcome, elapsed, seq.generated, len(self.running))
+            handle.on_event(event)
+        elapsed = time.monotonic() - handle.submitted_at
+        self.observer.finished(outcome, elapsed, generated, self.running)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from guidance.value_head import ValueHead, merge_heads
 from merging.registry import get_merge_method
 from model_store.loader import LoadedStore
 
@@ -21,14 +20,32 @@ PREFERENCE_DECIMALS = 6
 
 @dataclass(frozen=True)
 class ValueSource:
-    """One value model's contribution: V comes from a shared-base row or a standalone model."""
+    """One value model's contribution: V comes from a shared-base row or a standalone model,
+    scored by the store's value heads mixed with `weights`."""
 
-    head: ValueHead
-    """Head giving one value per token."""
+    weights: torch.Tensor
+    """(objectives,) float64 mix of the store's value heads: mu for the merged value model
+    (Eq. 24; heads are linear, so mixing outputs equals merging parameters), e_i for V_i."""
     row: int | None = None
     """Row of the shared forward, for LoRA value models."""
     model: PreTrainedModel | None = None
     """Standalone value model, run on its own."""
+
+
+@dataclass(frozen=True)
+class ScoreTerm:
+    """One term of the guided score log pi + gamma V (Eq. 25) as a weighted output.
+
+    Outputs are numbered: first the plan's `logprob_rows` (in that order), then its value
+    sources. A term adds (policy + gamma * guidance) * output to the score.
+    """
+
+    output: int
+    """Index into the plan's outputs."""
+    policy: float
+    """Weight in log pi: 1 for a merged policy, mu_i for MOD's sum_i mu_i log pi_i."""
+    guidance: float
+    """Weight in V: mu_i (or 1) on V_i or log pi*_i; minus their sum on log pi_ref (Eq. 23)."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +64,7 @@ class DecodePlan:
     """Rows whose log-probabilities, weighted by `policy_mix`, form the policy: the one Bone
     Soup row (Eq. 6 + Eq. 13), or one row per specialist for MOD's logit ensemble."""
     policy_mix: torch.Tensor
-    """(len(policy_rows),): [1] for a merged policy; mu for MOD (sum_i mu_i log pi_i)."""
+    """(len(policy_rows),) float64: [1] for a merged policy; mu for MOD (sum_i mu_i log pi_i)."""
     reference_row: int | None
     """pi_ref (base) row, for implicit modes."""
     pistar_rows: tuple[int, ...]
@@ -55,8 +72,12 @@ class DecodePlan:
     values: tuple[ValueSource, ...]
     """Explicit value sources: one merged source, or n ensemble sources."""
     mix: torch.Tensor
-    """(len(pistar_rows) or len(values),) weights of the guidance terms: [1] when merged,
-    mu for the ensembles (MAGE-E / MAGE-I)."""
+    """(len(pistar_rows) or len(values),) float64 weights of the guidance terms: [1] when
+    merged, mu for the ensembles (MAGE-E / MAGE-I)."""
+    terms: tuple[ScoreTerm, ...] = ()
+    """Eq. (25) as a weighted sum of this plan's outputs (see `score_terms`)."""
+    active_slots: tuple[int, ...] = ()
+    """Adapter slots with a non-zero coefficient in some row (known without a device read)."""
 
     @property
     def rows(self) -> int:
@@ -65,16 +86,49 @@ class DecodePlan:
     @property
     def logprob_rows(self) -> list[int]:
         """Shared rows whose next-token log-probabilities the step needs."""
-        rows = {*self.policy_rows, *self.pistar_rows}
-        return sorted(rows | ({self.reference_row} if self.reference_row is not None else set()))
+        return logprob_rows(self.policy_rows, self.pistar_rows, self.reference_row)
 
     def nbytes(self) -> int:
         total = self.coefficients.numel() * self.coefficients.element_size()
         for source in self.values:
-            total += source.head.nbytes()
             if source.model is not None:
                 total += sum(p.numel() * p.element_size() for p in source.model.parameters())
         return total
+
+
+def logprob_rows(
+    policy_rows: tuple[int, ...], pistar_rows: tuple[int, ...], reference_row: int | None
+) -> list[int]:
+    """Shared rows whose next-token log-probabilities a plan needs, in output order."""
+    rows = {*policy_rows, *pistar_rows}
+    return sorted(rows | ({reference_row} if reference_row is not None else set()))
+
+
+def score_terms(
+    outputs: list[int],
+    policy_rows: tuple[int, ...],
+    policy_mix: torch.Tensor,
+    reference_row: int | None,
+    pistar_rows: tuple[int, ...],
+    value_count: int,
+    mix: torch.Tensor,
+) -> tuple[ScoreTerm, ...]:
+    """log pi + gamma V (Eq. 25) as terms over outputs; policy terms first. Implicit V is
+    sum_j w_j (log pi*_j - log pi_ref) = sum_j w_j log pi*_j - (sum_j w_j) log pi_ref (Eq. 23);
+    explicit V is sum_j w_j V_j (Eq. 24 merged: one source with w = 1)."""
+    at = {row: i for i, row in enumerate(outputs)}
+    terms = [
+        ScoreTerm(at[r], float(w), 0.0)
+        for r, w in zip(policy_rows, policy_mix.tolist(), strict=True)
+    ]
+    if value_count:
+        first = len(outputs)
+        terms += [ScoreTerm(first + k, 0.0, float(w)) for k, w in enumerate(mix.tolist())]
+    elif reference_row is not None:
+        weights = mix.tolist()
+        terms += [ScoreTerm(at[r], 0.0, w) for r, w in zip(pistar_rows, weights, strict=True)]
+        terms.append(ScoreTerm(at[reference_row], 0.0, -sum(weights)))
+    return tuple(terms)
 
 
 def round_preference(mu: torch.Tensor) -> torch.Tensor:
@@ -103,23 +157,18 @@ def _value_sources(store: LoadedStore, mode: str, mu: torch.Tensor, first_row: i
     rows: list[torch.Tensor] = []
     sources: list[ValueSource] = []
     for w in weights:
-        head = (
-            store.value_heads[int(w.argmax())]
-            if mode != "explicit"
-            else merge_heads(store.value_heads, w.tolist())
-        )
         if store.value_kind == "lora":
             row = torch.zeros(store.slot_count, dtype=torch.float64)
             row[slots] = w  # Eq. (24): merged value adapter = sum_i mu_i Delta_i
             rows.append(row)
-            sources.append(ValueSource(head=head, row=first_row + len(rows) - 1))
+            sources.append(ValueSource(weights=w, row=first_row + len(rows) - 1))
         else:
             model = (
                 store.standalone_values[int(w.argmax())]
                 if mode != "explicit"
                 else (_merged_standalone(store, w))
             )
-            sources.append(ValueSource(head=head, model=model))
+            sources.append(ValueSource(weights=w, model=model))
     return rows, sources
 
 
@@ -200,15 +249,27 @@ def build_plan(
         rows += value_rows
         values = tuple(sources)
         mix = mu.clone() if mode == "explicit-ensemble" else mix
+    terms = score_terms(
+        logprob_rows(policy_rows, pistar_rows, reference_row),
+        policy_rows,
+        policy_mix,
+        reference_row,
+        pistar_rows,
+        len(values),
+        mix,
+    )
+    stacked = torch.stack(rows)  # (rows, slots) float64, on the host
     return DecodePlan(
         mode=mode,
         preference=mu,
         lambdas=method.coefficients(matrix, mu, 0.0),
-        coefficients=torch.stack(rows).to(store.device, store.dtype),
+        coefficients=stacked.to(store.device, store.dtype),
         policy_rows=policy_rows,
-        policy_mix=policy_mix.to(store.device, torch.float32),
+        policy_mix=policy_mix,
         reference_row=reference_row,
         pistar_rows=pistar_rows,
         values=values,
-        mix=mix.to(store.device, torch.float32),
+        mix=mix,
+        terms=terms,
+        active_slots=tuple(int(k) for k in torch.nonzero(stacked.abs().sum(0)).flatten()),
     )

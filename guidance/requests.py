@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from guidance.plan import DecodePlan
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,11 @@ class GenerationRequest:
     """time.monotonic() after which the request is abandoned."""
     merge_method: str = "bone-soup"
     """How the policy's backbone coefficients come from mu (merging.registry)."""
+    ignore_eos: bool = False
+    """Keep generating past EOS tokens (vLLM's `ignore_eos`; evaluation of fixed lengths)."""
+    plan: DecodePlan | None = None
+    """A prebuilt plan (evaluation's MOD, MAGE-I-M' and LMC variants); None builds the plan
+    of (mode, preference, merge_method) through the merge cache."""
 
 
 @dataclass(frozen=True)

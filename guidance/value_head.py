@@ -1,7 +1,7 @@
 """Value heads: one value per vocabulary token from a final hidden state (Sec. 3.4.1).
 
 Two layouts, both linear in their parameters, so merging heads by Eq. (24) is a weighted
-sum of their tensors:
+sum of their tensors, and equally a weighted sum of their outputs (HeadBank):
 - `dense`: V = W h + b with W: (vocab, hidden). Exact but large (vocab x hidden floats).
 - `tied`:  V = E (P h + p) + c, where E: (vocab, hidden) is the model's own output
   embedding (not stored), P: (hidden, hidden), p: (hidden,), c: (vocab,). This keeps a
@@ -51,21 +51,61 @@ class ValueHead:
             return hidden @ t["weight"].T + t["bias"]
         return (hidden @ t["proj"].T + t["proj_bias"]) @ output_embedding.T + t["out_bias"]
 
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The tied layout's P h + p (rows, hidden): what the output embedding then scores,
+        so a batch can score many heads' projections in one product with E."""
+        return hidden @ self.tensors["proj"].T + self.tensors["proj_bias"]
+
     def to(self, device: torch.device | str, dtype: torch.dtype) -> ValueHead:
         return ValueHead(self.kind, {k: v.to(device, dtype) for k, v in self.tensors.items()})
 
 
-def merge_heads(heads: Sequence[ValueHead], weights: Sequence[float]) -> ValueHead:
-    """Eq. (24) on heads: theta_merge = sum_i mu_i theta_i, tensor by tensor."""
-    kinds = {head.kind for head in heads}
-    if len(kinds) != 1:
-        raise ValueError(f"cannot merge value heads of different kinds: {sorted(kinds)}")
-    names = HEAD_TENSORS[heads[0].kind]
-    merged = {
-        name: sum(float(w) * head.tensors[name] for head, w in zip(heads, weights, strict=True))
-        for name in names
-    }
-    return ValueHead(heads[0].kind, merged)  # type: ignore[arg-type]
+@dataclass(frozen=True)
+class HeadBank:
+    """A store's value heads stacked on a leading objective axis.
+
+    Heads are linear in their parameters, so the merged head of Eq. (24) applied to h,
+    (sum_i w_i theta_i)(h), equals sum_i w_i head_i(h). The bank computes that mix for many
+    rows with different weights at once, so no preference ever materialises a merged head.
+    """
+
+    kind: str
+    """'dense' or 'tied', shared by every head."""
+    tensors: dict[str, torch.Tensor]
+    """HEAD_TENSORS of the kind, each stacked: (objectives, ...)."""
+
+    @classmethod
+    def stack(cls, heads: Sequence[ValueHead]) -> HeadBank | None:
+        if not heads:
+            return None
+        kinds = {head.kind for head in heads}
+        if len(kinds) != 1:
+            raise ValueError(f"cannot mix value heads of different kinds: {sorted(kinds)}")
+        kind = heads[0].kind
+        names = HEAD_TENSORS[kind]
+        return cls(kind, {n: torch.stack([h.tensors[n] for h in heads]) for n in names})
+
+    def project(self, hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Tied layout: sum_i w_i (P_i h + p_i), (rows, hidden); weights (rows, objectives).
+        What the output embedding E then scores, so many rows share one product with E."""
+        t = self.tensors
+        per_head = torch.einsum("rj,nij->rni", hidden, t["proj"]) + t["proj_bias"]  # (r, n, h)
+        return torch.einsum("rn,rni->ri", weights, per_head)
+
+    def out_bias(self, weights: torch.Tensor) -> torch.Tensor:
+        """Tied layout: sum_i w_i c_i, (rows, vocab)."""
+        return weights @ self.tensors["out_bias"]
+
+    def __call__(
+        self, hidden: torch.Tensor, weights: torch.Tensor, output_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """Values (rows, vocab) of the mixed heads for hidden (rows, hidden)."""
+        if self.kind == "tied":
+            projected = self.project(hidden, weights)
+            return projected @ output_embedding.T + self.out_bias(weights)
+        t = self.tensors  # dense: sum_i w_i (W_i h + b_i)
+        per_head = torch.einsum("rj,nvj->rnv", hidden, t["weight"]) + t["bias"]
+        return torch.einsum("rn,rnv->rv", weights, per_head)
 
 
 def save_value_head(head: ValueHead, path: Path) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from guidance.value_head import ValueHead, load_value_head
+from guidance.value_head import HeadBank, ValueHead, load_value_head
 from model_store.adapters import LoraAdapter, load_lora_adapter
 from model_store.errors import StoreError
 from model_store.multi_lora import RowCoefficients, wrap_linear_layers
@@ -36,6 +36,8 @@ class LoadedStore:
     """'lora', 'standalone' or None when the store has no explicit value models."""
     value_heads: tuple[ValueHead, ...]
     """Explicit value heads in objective order."""
+    value_bank: HeadBank | None
+    """The same heads stacked, for mixing them per row (None without explicit guidance)."""
     standalone_values: tuple[PreTrainedModel, ...]
     """Standalone value models in objective order (empty for 'lora')."""
     device: torch.device
@@ -58,6 +60,17 @@ class LoadedStore:
         config_eos = getattr(self.model.generation_config, "eos_token_id", None)
         ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
         return {i for i in ids if i is not None}
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes one token of one batch row takes: keys and values of every layer."""
+        config = self.model.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
+        size = torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * config.num_hidden_layers * heads * head_dim * size
 
     @property
     def backbone_slots(self) -> list[int]:
@@ -153,6 +166,7 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
         coefficients,
         value_kind,
         heads,
+        HeadBank.stack(heads),
         tuple(standalone),
         torch_device,
         torch_dtype,

@@ -22,10 +22,14 @@ class RowCoefficients:
         self.matrix: torch.Tensor | None = None  # (rows, adapters)
         self.active: list[int] = []  # adapters with a non-zero coefficient in some row
 
-    def set(self, matrix: torch.Tensor | None) -> None:
+    def set(self, matrix: torch.Tensor | None, active: list[int] | None = None) -> None:
+        """Install the (rows, adapters) matrix for the next forward. `active` lists the
+        adapters with a non-zero coefficient when the caller knows them (no device read)."""
         self.matrix = matrix
         if matrix is None:
             self.active = []
+        elif active is not None:
+            self.active = list(active)
         else:
             self.active = [int(k) for k in torch.nonzero(matrix.abs().sum(0)).flatten()]
 

@@ -15,13 +15,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from guidance.engine import Engine, QueueFullError
+from guidance.engine import Engine, EngineConfig, EngineUnavailableError, QueueFullError
 from guidance.requests import ErrorEvent, Event, RequestHandle, TokenEvent
 from model_store.errors import StoreError
 from model_store.loader import LoadedStore, load_store
@@ -31,7 +32,7 @@ from server.settings import ServerSettings
 from server.translate import available_modes, build_request
 
 log = logging.getLogger("mage.server")
-ERROR_STATUS = {"validation": 422, "timeout": 504, "generation": 500}
+ERROR_STATUS = {"validation": 422, "timeout": 504, "generation": 500, "unavailable": 503}
 
 
 def package_version() -> str:
@@ -53,14 +54,8 @@ class ServingState:
 
     def start(self, store: LoadedStore) -> None:
         self.store = store
-        self.engine = Engine(
-            store,
-            self.settings.max_queue,
-            self.settings.max_running,
-            int(self.settings.merge_cache_mb * (1 << 20)),
-            self.metrics,
-        )
-        self.metrics.queue_size.set_function(lambda: self.engine.queue_size)
+        self.engine = Engine(store, engine_config(self.settings, store), self.metrics)
+        self.metrics.watch(self.engine)
         self.engine.start()
         self.metrics.ready.set(1)
 
@@ -75,6 +70,23 @@ class ServingState:
                 log.error("store failed to load: %s", exc)
 
         threading.Thread(target=load, name="mage-store-loader", daemon=True).start()
+
+
+def engine_config(settings: ServerSettings, store: LoadedStore) -> EngineConfig:
+    """The engine's limits from the settings; the KV budget in tokens of one batch row."""
+    budget_mb = settings.kv_cache_mb
+    if budget_mb is None and store.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(store.device)
+        budget_mb = free / 2 / (1 << 20)
+    budget_mb = budget_mb if budget_mb is not None else 2048.0
+    return EngineConfig(
+        max_queue=settings.max_queue,
+        max_running=settings.max_running,
+        kv_budget_tokens=int(budget_mb * (1 << 20)) // store.kv_bytes_per_token,
+        prefill_tokens=settings.prefill_tokens,
+        cache_budget_bytes=int(settings.merge_cache_mb * (1 << 20)),
+        stall_timeout_s=settings.engine_stall_timeout_s,
+    )
 
 
 def error_response(status: int, message: str, kind: str) -> JSONResponse:
@@ -133,20 +145,35 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
             engine.submit(handle)
         except QueueFullError as exc:
             raise ApiError(429, f"overloaded: {exc}; retry later", "overloaded") from None
+        except EngineUnavailableError as exc:
+            raise ApiError(503, f"unavailable: {exc}", "unavailable") from None
         return handle, events
+
+    async def next_event(
+        handle: RequestHandle, events: asyncio.Queue[Event], http: Request | None = None
+    ) -> Event | None:
+        """The engine's next event; an error event if the engine dies or stalls meanwhile;
+        None if the client went away (then the request is cancelled)."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=0.5)
+            except TimeoutError:
+                reason = state.engine.health() if state.engine is not None else None
+                if reason is not None:
+                    handle.cancel()
+                    return ErrorEvent(f"unavailable: {reason}", "unavailable")
+                if http is not None and await http.is_disconnected():
+                    handle.cancel()
+                    return None
 
     @app.post("/generate")
     async def generate(body: GenerateBody, http: Request):
         handle, events = await submit(body)
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=0.5)
-                except TimeoutError:
-                    if await http.is_disconnected():
-                        handle.cancel()
-                        return Response(status_code=499)
-                    continue
+                event = await next_event(handle, events, http)
+                if event is None:
+                    return Response(status_code=499)
                 if isinstance(event, ErrorEvent):
                     return error_response(
                         ERROR_STATUS.get(event.error_type, 500), event.message, event.error_type
@@ -163,7 +190,7 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
         async def stream():
             try:
                 while True:
-                    event = await events.get()
+                    event = await next_event(handle, events)
                     if isinstance(event, ErrorEvent):
                         payload = {"error": event.message, "error_type": event.error_type}
                         yield f"event: error\ndata: {json.dumps(payload)}\n\n"
@@ -182,12 +209,19 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
 
     @app.get("/health")
     async def health():
+        # Liveness: 503 once the engine thread died or stalled, so Kubernetes restarts the pod.
+        reason = state.engine.health() if state.engine is not None else None
+        if reason is not None:
+            return error_response(503, f"unhealthy: {reason}", "unavailable")
         return {"status": "ok"}
 
     @app.get("/ready")
     async def ready():
         if state.engine is None:  # probes are not requests: answered without counting
             reason = state.load_error or "the model store is still loading"
+            return error_response(503, f"not ready: {reason}", "unavailable")
+        reason = state.engine.health()
+        if reason is not None:
             return error_response(503, f"not ready: {reason}", "unavailable")
         return {"status": "ready"}
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from guidance.engine import EngineObserver
+from guidance.engine import Engine, EngineObserver
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# A new preference should cost well under a millisecond before its first forward.
+MERGE_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 0.01, 0.1, 1)
 
 
 class Metrics(EngineObserver):
@@ -52,10 +54,19 @@ class Metrics(EngineObserver):
         self.merge_latency = Histogram(
             "mage_merge_latency_seconds",
             "Building (or fetching) what a preference needs.",
-            buckets=LATENCY_BUCKETS,
+            buckets=MERGE_BUCKETS,
             registry=r,
         )
         self.ready = Gauge("mage_ready", "1 once the store is loaded.", registry=r)
+        # 0 until an engine runs, and again once its thread died or stalled (see /health).
+        self.engine_alive = Gauge("mage_engine_alive", "1 while the engine steps.", registry=r)
+        self.kv_cache = Gauge("mage_kv_cache_bytes", "KV cache held by the batch.", registry=r)
+
+    def watch(self, engine: Engine) -> None:
+        """Gauges read from the engine at scrape time."""
+        self.queue_size.set_function(lambda: engine.queue_size)
+        self.engine_alive.set_function(lambda: 1.0 if engine.health() is None else 0.0)
+        self.kv_cache.set_function(engine.kv_bytes)
 
     # EngineObserver hooks (called on the engine thread; prometheus_client is thread-safe)
     def admitted(self, queue_seconds: float, running: int) -> None:

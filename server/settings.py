@@ -23,8 +23,17 @@ class ServerSettings(BaseSettings):
     """Weights dtype; 'auto' is bfloat16 on CUDA and float32 on CPU."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting for the engine beyond which new ones get 429 at once."""
-    max_running: int = Field(default=4, ge=1)
-    """Requests decoded concurrently (interleaved step by step)."""
+    max_running: int = Field(default=16, ge=1)
+    """Requests prefilling or decoding at once, all in one batched forward per step."""
+    kv_cache_mb: float | None = Field(default=None, gt=0)
+    """KV-cache budget of the batch in MiB; admission waits while a new request would
+    exceed it. None: 2048 on CPU, half the free GPU memory after loading on CUDA."""
+    prefill_tokens: int = Field(default=512, ge=1)
+    """Prompt tokens (times the rows each runs) prefilled per engine step; longer prompts
+    are prefilled in chunks so running streams keep their pace (chunked prefill)."""
+    engine_stall_timeout_s: float = Field(default=120.0, gt=0)
+    """With work waiting, an engine that completes no step for this long is reported
+    unhealthy (/health and /ready answer 503, so Kubernetes restarts the pod)."""
     max_new_tokens: int = Field(default=512, ge=1)
     """Largest `max_new_tokens` a request may ask for."""
     max_input_tokens: int = Field(default=2048, ge=1)

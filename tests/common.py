@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from guidance.requests import GenerationRequest, SamplingParams
 from model_store.builder import build_random_store
 
 CHAT_TEMPLATE = (
@@ -95,4 +96,31 @@ def build_tiny_store(
         seed=seed,
         name="tiny",
         with_specialists=specialists,
+    )
+
+
+def make_request(
+    store,
+    prompt: str,
+    mu=(0.5, 0.5),
+    mode: str = "explicit",
+    max_new: int = 8,
+    sampling: SamplingParams | None = None,
+    method: str = "bone-soup",
+    gamma: float = 1.0,
+    stop: tuple[str, ...] = (),
+    name: str = "r",
+) -> GenerationRequest:
+    """An engine request for a raw prompt (no chat template)."""
+    ids = store.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return GenerationRequest(
+        name,
+        tuple(ids),
+        torch.tensor(mu, dtype=torch.float64),
+        mode,
+        gamma,
+        sampling or SamplingParams(),
+        max_new,
+        tuple(stop),
+        merge_method=method,
     )

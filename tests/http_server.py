@@ -24,6 +24,13 @@ def free_port() -> int:
 def running_server(loaded=None, wait_ready: bool = True, **settings):
     """Yield the base URL of a live server; `loaded` is a LoadedStore or None (then
     settings['store'] is loaded in the background)."""
+    with serving(loaded, wait_ready, **settings) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def serving(loaded=None, wait_ready: bool = True, **settings):
+    """Like running_server, but yields (url, the app's ServingState)."""
     port = free_port()
     config = ServerSettings(port=port, **settings)
     app = create_app(config, store=loaded)
@@ -40,7 +47,7 @@ def running_server(loaded=None, wait_ready: bool = True, **settings):
                 break
             time.sleep(0.05)
     try:
-        yield url
+        yield url, app.state.serving
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -1,4 +1,4 @@
-"""Batched decoding, MOD, the naive pi* merge, specialists and beam lookahead."""
+"""Batched offline decoding, MOD, the naive pi* merge, specialists and beam lookahead."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from guidance.batch import BatchDecoder, BeamSettings, beam_lookahead, greedy_generate
+from guidance.batch import Batch
 from guidance.engine import Engine
-from guidance.forward import guidance_term
-from guidance.plan import build_plan
+from guidance.plan import DecodePlan, build_plan
 from guidance.requests import GenerationRequest, SamplingParams
+from guidance.search import BeamSettings, beam_lookahead, greedy_generate
 from model_store.errors import StoreError
 from model_store.loader import load_store
 from model_store.manifest import MANIFEST_NAME
@@ -37,13 +37,25 @@ def one_at_a_time(engine: Engine, ids: list[int], mu, mode: str, method="bone-so
     return [event.id for event in engine.run_to_completion(request)]
 
 
+class Member:
+    def __init__(self, plan: DecodePlan, gamma: float = 1.0) -> None:
+        self.plan, self.gamma = plan, gamma
+
+
+def prefill(store, plan: DecodePlan, prompts: list[list[int]]) -> tuple[Batch, torch.Tensor]:
+    """A batch of `prompts` under one plan, prefilled; its outputs at the last prompt token."""
+    batch = Batch(store)
+    batch.start([Member(plan) for _ in prompts], prompts)
+    return batch, batch.prefill(batch.prefill_left)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batched_greedy_equals_the_engine_per_prompt(engine, mode):
     """Left padding, positions and per-row coefficients must not change a single token."""
     mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
     plan = build_plan(engine.store, mode, mu, "bone-soup")
     ids = prompt_ids(engine.store)
-    batched = greedy_generate(engine.store, plan, ids, 10, 1.0, engine.eos_ids)
+    batched = greedy_generate(engine.store, plan, ids, 10, 1.0)
     assert batched == [one_at_a_time(engine, p, mu, mode) for p in ids]
 
 
@@ -52,7 +64,7 @@ def test_batched_greedy_with_standalone_value_models(standalone_store):
     mu = torch.tensor([0.6, 0.4], dtype=torch.float64)
     plan = build_plan(engine.store, "explicit", mu, "bone-soup")
     ids = prompt_ids(engine.store)
-    batched = greedy_generate(engine.store, plan, ids, 8, 1.0, engine.eos_ids)
+    batched = greedy_generate(engine.store, plan, ids, 8, 1.0)
     expected = [one_at_a_time(engine, p, mu, "explicit")[:8] for p in ids]
     assert batched == expected
 
@@ -99,17 +111,16 @@ def test_mod_is_the_mu_weighted_sum_of_specialist_logprobs(engine):
         build_plan(store, "none", torch.eye(2, dtype=torch.float64)[i], "rewarded-soup")
         for i in range(2)
     ]
-    mod_out = BatchDecoder(store, mod).prefill(ids)
-    single_out = [BatchDecoder(store, plan).prefill(ids) for plan in single]
-    for s in range(len(ids)):
-        expected = 0.3 * single_out[0][s].logprobs[0] + 0.7 * single_out[1][s].logprobs[0]
-        got = sum(
-            w * mod_out[s].logprobs[r] for w, r in zip(mod.policy_mix, mod.policy_rows, strict=True)
-        )
-        assert torch.allclose(got, expected, atol=1e-5)
+    batch, out = prefill(store, mod, ids)
+    got, _ = batch.parts(out)  # (prompts, vocab): the MOD policy's log pi
+    singles = []
+    for plan in single:
+        single_batch, single_out = prefill(store, plan, ids)
+        singles.append(single_batch.parts(single_out)[0])
+    assert torch.allclose(got, 0.3 * singles[0] + 0.7 * singles[1], atol=1e-5)
     merged = build_plan(store, "none", mu, "rewarded-soup")
-    assert greedy_generate(store, mod, ids, 8, 1.0, set()) != greedy_generate(
-        store, merged, ids, 8, 1.0, set()
+    assert greedy_generate(store, mod, ids, 8, 1.0, ignore_eos=True) != greedy_generate(
+        store, merged, ids, 8, 1.0, ignore_eos=True
     )
 
 
@@ -122,34 +133,30 @@ def test_naive_pistar_merges_backbones_with_mu(engine):
     merged = build_plan(store, "implicit", mu, "bone-soup")  # pi* = the Bone Soup policy row
     assert merged.pistar_rows == merged.policy_rows
     ids = prompt_ids(store)
-    assert greedy_generate(store, naive, ids, 10, 1.0, set()) != greedy_generate(
-        store, merged, ids, 10, 1.0, set()
+    assert greedy_generate(store, naive, ids, 10, 1.0, ignore_eos=True) != greedy_generate(
+        store, merged, ids, 10, 1.0, ignore_eos=True
     )
 
 
-def test_select_reorders_every_cache(engine):
+def test_keep_reorders_and_repeats_every_lane(engine):
     store = engine.store
     plan = build_plan(store, "implicit", torch.tensor([0.5, 0.5], dtype=torch.float64), "direct")
     ids = prompt_ids(store)
-    decoder = BatchDecoder(store, plan)
-    decoder.prefill(ids)
-    reference = decoder.step([5, 6, 7])
-    swapped = BatchDecoder(store, plan)
-    swapped.prefill(ids)
-    swapped.select([2, 0, 0])
-    got = swapped.step([7, 5, 5])
-    for s, source in enumerate([2, 0, 0]):
-        assert torch.allclose(got[s].logprobs[0], reference[source].logprobs[0], atol=1e-5)
+    batch, _ = prefill(store, plan, ids)
+    reference = batch.scores(batch.decode([5, 6, 7]))
+    swapped, _ = prefill(store, plan, ids)
+    swapped.keep([2, 0, 0])
+    got = swapped.scores(swapped.decode([7, 5, 5]))
+    assert torch.allclose(got, reference[[2, 0, 0]], atol=1e-5)
 
 
 def implicit_reward(store, plan, prompt: list[int], tokens: list[int]) -> float:
     """Teacher-forced sum of log pi*/pi_ref over the tokens (the beam's score)."""
-    decoder = BatchDecoder(store, plan)
-    out = decoder.prefill([prompt])
+    batch, out = prefill(store, plan, [prompt])
     total = 0.0
     for token in tokens:
-        total += float(guidance_term(plan, out[0])[token])
-        out = decoder.step([token])
+        total += float(batch.parts(out)[1][0, token])
+        out = batch.decode([token])
     return total
 
 

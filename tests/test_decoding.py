@@ -8,15 +8,14 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from guidance.detokenize import IncrementalDetokenizer
-from guidance.engine import Engine
+from guidance.engine import Engine, EngineConfig
 from guidance.requests import (
     ErrorEvent,
-    GenerationRequest,
     SamplingParams,
     TokenEvent,
 )
 from model_store.loader import load_store
-from tests.common import tiny_tokenizer
+from tests.common import make_request, tiny_tokenizer
 
 MODES = ("none", "explicit", "explicit-ensemble", "implicit", "implicit-ensemble")
 PROMPT = "How do I bake bread?"
@@ -32,17 +31,8 @@ def generate(
     stop=(),
     method="bone-soup",
 ) -> tuple[list[TokenEvent], TokenEvent | ErrorEvent]:
-    ids = engine.store.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    request = GenerationRequest(
-        "t",
-        tuple(ids),
-        torch.tensor(mu, dtype=torch.float64),
-        mode,
-        gamma,
-        sampling or SamplingParams(),
-        max_new,
-        tuple(stop),
-        merge_method=method,
+    request = make_request(
+        engine.store, PROMPT, mu, mode, max_new, sampling, method, gamma, tuple(stop)
     )
     events = engine.run_to_completion(request)
     assert len(events) <= max_new
@@ -146,7 +136,7 @@ def test_details_report_lambda_and_cache_hits(bone_engine):
 
 
 def test_cache_evicts_under_byte_budget(tiny_store):
-    engine = Engine(load_store(tiny_store, "cpu", "float32"), cache_budget_bytes=1)
+    engine = Engine(load_store(tiny_store, "cpu", "float32"), EngineConfig(cache_budget_bytes=1))
     engine.plans.budget_bytes = 1 + engine.plans.used_bytes
     generate(engine, [0.1, 0.9], "explicit", max_new=1)
     assert engine.plans.stats.misses == 1 and len(engine.plans) == 0  # too big to keep

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from evaluation.methods import METHODS, generate_batch
-from guidance.batch import BeamSettings
 from guidance.engine import Engine
+from guidance.search import BeamSettings
 from model_store.loader import load_store
 from tests.test_decoding import MODES, token_ids
 

@@ -1,0 +1,203 @@
+"""KV caches of a padded batch whose rows join and leave between decode steps.
+
+A lane holds, per layer, keys and values of shape (rows, kv_heads, capacity, head_dim) and
+a 0/1 attention mask (rows, capacity); the first `length` columns are in use. Rows are
+left-padded so every row's newest token sits in the same column:
+
+- a step appends one block of columns to every row, written in place (no concatenation);
+- a joining lane is left-padded to the longer of the two lengths (one copy, once per join);
+- leaving rows are dropped by one index_select, after which the columns that are padding in
+  every remaining row are cut, so the lane is never longer than its longest sequence;
+- positions come from each row's count of real tokens, so padding never shifts RoPE.
+
+Why padded rather than paged (README "Batching"): transformers' attention takes a dense
+(rows, heads, keys, dim) cache and a 2D mask, so a padded lane runs any causal LM unchanged,
+on CPU and CUDA, with per-row LoRA coefficients applied as plain batch rows. A paged layout
+needs its own attention kernels and per-token adapter indices.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+GROWTH = 64
+"""Columns added beyond what is needed when a buffer grows (amortises the copies)."""
+
+
+def _capacity(needed: int) -> int:
+    return -(-needed // GROWTH) * GROWTH + GROWTH
+
+
+class LaneLayer(DynamicLayer):
+    """One layer's keys and values in preallocated buffers; `used` columns are valid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.keys = key_states.new_zeros((*key_states.shape[:2], 0, key_states.shape[3]))
+        self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.used + new > self.keys.shape[-2]:
+            self.resize(_capacity(self.used + new))
+        self.keys[:, :, self.used : self.used + new] = key_states
+        self.values[:, :, self.used : self.used + new] = value_states
+        self.used += new
+        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+
+    def resize(self, capacity: int) -> None:
+        """Reallocate to `capacity` columns, keeping the used ones."""
+        keys = self.keys.new_zeros((*self.keys.shape[:2], capacity, self.keys.shape[3]))
+        values = self.values.new_zeros(keys.shape)
+        keys[:, :, : self.used] = self.keys[:, :, : self.used]
+        values[:, :, : self.used] = self.values[:, :, : self.used]
+        self.keys, self.values = keys, values
+
+    def get_seq_length(self) -> int:
+        return self.used
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.used + query_length, 0
+
+
+class LaneCache(Cache):
+    """A transformers Cache made of LaneLayers (one per decoder layer)."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[LaneLayer() for _ in range(num_layers)])
+
+
+def _check_full_attention(config) -> None:
+    """Sliding-window or linear-attention layers would need their own cache layout."""
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if kinds != {"full_attention"}:
+        raise ValueError(f"only full-attention models are supported, this one has {sorted(kinds)}")
+
+
+class KVLane:
+    """The padded KV batch of one decoder (the shared base, or a standalone value model).
+
+    Invariant: each row is [padding][real tokens], its real tokens in the last
+    `real_host[row]` of the `length` columns in use.
+    """
+
+    def __init__(self, decoder: torch.nn.Module, device: torch.device) -> None:
+        _check_full_attention(decoder.config)
+        self.decoder, self.device = decoder, device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.cache = LaneCache(int(self.decoder.config.num_hidden_layers))
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (rows, capacity)
+        self.real = torch.zeros(0, dtype=torch.long, device=self.device)  # (rows,) real tokens
+        self.real_host: list[int] = []  # the same counts on the host, so nothing syncs
+        self.length = 0  # columns in use
+
+    @property
+    def rows(self) -> int:
+        return len(self.real_host)
+
+    def open(self, rows: int) -> None:
+        """Start empty rows (before their first forward)."""
+        assert self.rows == 0 and self.length == 0, "open a new lane"
+        self.mask = torch.zeros((rows, 0), dtype=torch.long, device=self.device)
+        self.real = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.real_host = [0] * rows
+
+    def _layers(self) -> list[LaneLayer]:
+        return [layer for layer in self.cache.layers if layer.is_initialized]
+
+    def nbytes(self) -> int:
+        """Bytes held by the key and value buffers."""
+        return sum(2 * layer.keys.numel() * layer.keys.element_size() for layer in self._layers())
+
+    @torch.inference_mode()
+    def forward(
+        self, ids: torch.Tensor, block_mask: torch.Tensor, real_tokens: list[int]
+    ) -> torch.Tensor:
+        """Append a block: ids and 0/1 mask (rows, width), each row's padding on its left;
+        `real_tokens` is each row's count of ones in the block, known to the caller.
+        Returns the last column's hidden states (rows, hidden). On failure the lane is as
+        it was before the call."""
+        width = ids.shape[1]
+        if self.length + width > self.mask.shape[1]:
+            self._resize_mask(_capacity(self.length + width))
+        self.mask[:, self.length : self.length + width] = block_mask
+        positions = (self.real[:, None] + block_mask.cumsum(1) - 1).clamp(min=0)  # (rows, width)
+        try:
+            out = self.decoder(
+                input_ids=ids,
+                attention_mask=self.mask[:, : self.length + width],
+                position_ids=positions,
+                cache=self.cache,
+                use_cache=True,
+            )
+        except BaseException:
+            for layer in self._layers():  # undo the layers already written
+                layer.used = min(layer.used, self.length)
+            raise
+        self.length += width
+        self.real = self.real + block_mask.sum(1)
+        self.real_host = [r + t for r, t in zip(self.real_host, real_tokens, strict=True)]
+        return out.last_hidden_state[:, -1]
+
+    def join(self, other: KVLane) -> None:
+        """Append the rows of `other` (a lane of the same decoder), left-padding the shorter."""
+        if other.rows == 0:
+            return
+        if self.rows == 0:
+            self.cache, self.mask, self.real = other.cache, other.mask, other.real
+            self.real_host, self.length = list(other.real_host), other.length
+            return
+        length = max(self.length, other.length)
+        capacity = _capacity(length)
+        rows = self.rows + other.rows
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                joined = a.new_zeros((rows, a.shape[1], capacity, a.shape[3]))
+                joined[: self.rows, :, length - self.length : length] = a[:, :, : self.length]
+                joined[self.rows :, :, length - other.length : length] = b[:, :, : other.length]
+                setattr(mine, name, joined)
+            mine.used = length
+        mask = torch.zeros((rows, capacity), dtype=torch.long, device=self.device)
+        mask[: self.rows, length - self.length : length] = self.mask[:, : self.length]
+        mask[self.rows :, length - other.length : length] = other.mask[:, : other.length]
+        self.mask, self.length = mask, length
+        self.real = torch.cat([self.real, other.real])
+        self.real_host = self.real_host + other.real_host
+
+    def keep(self, index: list[int]) -> None:
+        """Keep these rows, in this order (repeats allowed: beam search), and cut the
+        columns that are padding in every kept row."""
+        if not index:
+            self._reset()
+            return
+        pad = min(self.length - self.real_host[i] for i in index)
+        length = self.length - pad
+        rows = torch.tensor(index, device=self.device)
+        for layer in self._layers():
+            for name in ("keys", "values"):
+                old = getattr(layer, name)
+                kept = old.new_zeros((len(index), old.shape[1], _capacity(length), old.shape[3]))
+                kept[:, :, :length] = old[rows, :, pad : self.length]
+                setattr(layer, name, kept)
+            layer.used = length
+        mask = torch.zeros((len(index), _capacity(length)), dtype=torch.long, device=self.device)
+        mask[:, :length] = self.mask[rows, pad : self.length]
+        self.mask, self.length = mask, length
+        self.real = self.real[rows]
+        self.real_host = [self.real_host[i] for i in index]
+
+    def _resize_mask(self, capacity: int) -> None:
+        mask = torch.zeros((self.rows, capacity), dtype=torch.long, device=self.device)
+        mask[:, : self.length] = self.mask[:, : self.length]
+        self.mask = mask
