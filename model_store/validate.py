@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +55,7 @@ def resolve_base(root: Path, manifest: StoreManifest) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -74,6 +78,38 @@ def read_manifest(root: Path) -> StoreManifest:
         raise StoreError(path, f"invalid manifest: {problems}") from None
 
 
+# Files whose sha256 this process has verified, keyed by (path, expected digest), with the
+# stat signature they had then. `mage serve` checks the store before binding and the server
+# checks it again when it loads (as do `mage eval`/`tune`): without this every weight file
+# was hashed twice. A file is hashed again whenever its size, mtime, ctime or inode changed.
+_verified: dict[tuple[str, str], tuple[int, ...]] = {}
+_verified_lock = threading.Lock()
+# Like git's "racy" index entries: a file modified this recently may change again within the
+# same coarse filesystem timestamp tick, so its signature is not trusted and it is re-hashed.
+RACY_SECONDS = 2.0
+
+
+def _signature(stat: os.stat_result) -> tuple[int, ...]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def verify_file(path: Path, expected: str) -> None:
+    """Raise StoreError unless `path` has sha256 `expected`; hash it once per process."""
+    key = (str(path.resolve()), expected.lower())
+    before = path.stat()
+    with _verified_lock:
+        if _verified.get(key) == _signature(before):
+            return
+    actual = sha256_file(path)
+    if actual != key[1]:
+        raise StoreError(path, f"checksum mismatch: expected {expected}, got {actual}")
+    after = path.stat()
+    changed = max(after.st_mtime, after.st_ctime)
+    if _signature(after) == _signature(before) and time.time() - changed > RACY_SECONDS:
+        with _verified_lock:
+            _verified[key] = _signature(after)
+
+
 def verify_checksums(root: Path, manifest: StoreManifest) -> None:
     """Every *.safetensors file inside the store must be listed and match its sha256."""
     listed = manifest.checksums
@@ -85,9 +121,7 @@ def verify_checksums(root: Path, manifest: StoreManifest) -> None:
         path = root / relative
         if not path.is_file():
             raise StoreError(path, "listed in checksums but missing")
-        actual = sha256_file(path)
-        if actual != expected.lower():
-            raise StoreError(path, f"checksum mismatch: expected {expected}, got {actual}")
+        verify_file(path, expected)
 
 
 def base_weight_shapes(base_path: Path) -> dict[str, tuple[int, ...]]:

@@ -1,11 +1,12 @@
-"""Loader for the project's prompt set in ``data/prompts/{train,validation,test}.jsonl``."""
+"""Loader for the project's prompt set in ``data/prompts/{train,validation,test}.jsonl``
+(installed as the data package ``mage_data.prompts``; see model_store/resources.py)."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-PROMPTS_DIR = Path(__file__).resolve().parents[1] / "data" / "prompts"
+from model_store.resources import prompts_dir
+
 SPLITS = ("train", "validation", "test")
 _ALIASES = {"val": "validation", "dev": "validation"}
 
@@ -19,7 +20,7 @@ def load_prompts(split: str) -> list[dict]:
     name = _ALIASES.get(split, split)
     if name not in SPLITS:
         raise ValueError(f"unknown prompt split {split!r}; expected one of {', '.join(SPLITS)}")
-    path = PROMPTS_DIR / f"{name}.jsonl"
+    path = prompts_dir() / f"{name}.jsonl"
     records: list[dict] = []
     with path.open(encoding="utf-8") as handle:
         for lineno, line in enumerate(handle, 1):
