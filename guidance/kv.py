@@ -132,10 +132,13 @@ class KVLane:
             self._resize_mask(_capacity(self.length + width))
         self.mask[:, self.length : self.length + width] = block_mask
         positions = (self.real[:, None] + block_mask.cumsum(1) - 1).clamp(min=0)  # (rows, width)
+        # Without padding anywhere the mask is all ones: leave it out, which lets attention
+        # take its unmasked (causal) path, as transformers' own generate does.
+        padded = any(r != self.length for r in self.real_host) or min(real_tokens) < width
         try:
             out = self.decoder(
                 input_ids=ids,
-                attention_mask=self.mask[:, : self.length + width],
+                attention_mask=self.mask[:, : self.length + width] if padded else None,
                 position_ids=positions,
                 cache=self.cache,
                 use_cache=True,
