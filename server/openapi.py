@@ -1,0 +1,82 @@
+"""What /openapi.json says beyond the request models: error answers, content types, keys.
+
+A client (or schemathesis) reading the schema should meet no status, content type or
+header the schema does not mention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from server.schemas import ErrorBody
+
+ERROR_DESCRIPTIONS = {
+    401: "Missing or wrong API key (only when the server has keys).",
+    413: "Request body larger than the server's max_body_bytes.",
+    422: "Invalid request: the message names the field and the problem.",
+    429: "The waiting queue is full; retry after Retry-After seconds.",
+    500: "Internal error (or a generation error); details are in the server log.",
+    503: "The model store is loading, or failed to load.",
+    504: "The request passed its deadline (request_timeout_s).",
+}
+SSE_DESCRIPTION = (
+    "Server-sent events: `data: {token: {id, text, logprob, special}, generated_text, "
+    "details}` per token, the last with generated_text and details; an error after the "
+    "stream started arrives as `event: error` with `data: {error, error_type}`. "
+    "logprob is null if it is not finite (strict JSON)."
+)
+_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+}
+
+
+def api_responses(success: Any, *statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route: its success body (a model, "event-stream" or None for the
+    route's own) and each error status, all with the ErrorBody schema."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    if success == "event-stream":
+        responses[200] = {
+            "description": SSE_DESCRIPTION,
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    elif success is not None:
+        responses[200] = {"model": success, "description": "The generated text and details."}
+    for status in statuses:
+        responses[status] = {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+        if status in _HEADERS:
+            responses[status]["headers"] = _HEADERS[status]
+    return responses
+
+
+def document_security(app: FastAPI, open_paths: frozenset[str]) -> None:
+    """With API keys: a bearer scheme required by every operation outside `open_paths`,
+    each of which may then answer 401."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "bearer": {"type": "http", "scheme": "bearer"}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                if path in open_paths:
+                    operation["security"] = []
+                    continue
+                operation["security"] = [{"bearer": []}]
+                operation.setdefault("responses", {})["401"] = {
+                    "description": ERROR_DESCRIPTIONS[401],
+                    "headers": _HEADERS[401],
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                    },
+                }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
