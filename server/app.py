@@ -42,7 +42,7 @@ from server.errors import (
 )
 from server.metrics import Metrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
-from server.openapi import api_responses, document_security
+from server.openapi import api_responses, customise_openapi
 from server.schemas import ApiError, GenerateResponse, request_body_type
 from server.settings import ServerSettings
 from server.translate import available_modes, build_request
@@ -140,8 +140,7 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
         middleware=_middleware(settings, state.metrics),
     )
     app.state.serving = state
-    if settings.api_key:
-        document_security(app, open_paths(settings))
+    customise_openapi(app, open_paths(settings) if settings.api_key else None)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> JSONResponse:

@@ -27,6 +27,60 @@ SSE_DESCRIPTION = (
     "stream started arrives as `event: error` with `data: {error, error_type}`. "
     "logprob is null if it is not finite (strict JSON)."
 )
+_ERROR_JSON = {
+    "type": "object",
+    "required": ["error", "error_type"],
+    "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+    "additionalProperties": False,
+}
+_TOKEN_JSON = {
+    "type": "object",
+    "required": ["token", "generated_text", "details"],
+    "properties": {
+        "token": {
+            "type": "object",
+            "required": ["id", "text", "logprob", "special"],
+            "properties": {
+                "id": {"type": "integer"},
+                "text": {"type": "string"},
+                "logprob": {"type": ["number", "null"]},
+                "special": {"type": "boolean"},
+            },
+        },
+        "generated_text": {"type": ["string", "null"]},
+        "details": {"type": ["object", "null"]},
+    },
+}
+SSE_EVENT_SCHEMA = {
+    # Before OpenAPI 3.2's itemSchema, an event stream's schema describes each event:
+    # its `event` name and its `data` line, a JSON document of its own.
+    "oneOf": [
+        {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "event": {"const": "message"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": _TOKEN_JSON,
+                },
+            },
+        },
+        {
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"const": "error"},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": _ERROR_JSON,
+                },
+            },
+        },
+    ]
+}
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     429: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
@@ -40,7 +94,7 @@ def api_responses(success: Any, *statuses: int) -> dict[int | str, dict[str, Any
     if success == "event-stream":
         responses[200] = {
             "description": SSE_DESCRIPTION,
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         }
     elif success is not None:
         responses[200] = {"model": success, "description": "The generated text and details."}
@@ -51,32 +105,46 @@ def api_responses(success: Any, *statuses: int) -> dict[int | str, dict[str, Any
     return responses
 
 
-def document_security(app: FastAPI, open_paths: frozenset[str]) -> None:
-    """With API keys: a bearer scheme required by every operation outside `open_paths`,
-    each of which may then answer 401."""
+def customise_openapi(app: FastAPI, open_paths: frozenset[str] | None) -> None:
+    """Finish what FastAPI generates: event streams get their per-event schema (FastAPI
+    merges a plain "type: string" into any non-JSON response), and with API keys
+    (`open_paths` given) a bearer scheme is required by every other operation, each of
+    which may then answer 401."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        schema.setdefault("components", {})["securitySchemes"] = {
-            "bearer": {"type": "http", "scheme": "bearer"}
-        }
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
-                if path in open_paths:
-                    operation["security"] = []
-                    continue
-                operation["security"] = [{"bearer": []}]
-                operation.setdefault("responses", {})["401"] = {
-                    "description": ERROR_DESCRIPTIONS[401],
-                    "headers": _HEADERS[401],
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
-                    },
-                }
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if "text/event-stream" not in content:
+                        continue
+                    if status.startswith("2"):
+                        content["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
+                    else:  # FastAPI files every answer under the route's media type
+                        response["content"] = {"application/json": content["text/event-stream"]}
+                if open_paths is not None:
+                    _require_key(operation, path in open_paths)
+        if open_paths is not None:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}
+            }
         app.openapi_schema = schema
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _require_key(operation: dict[str, Any], open_path: bool) -> None:
+    if open_path:
+        operation["security"] = []
+        return
+    operation["security"] = [{"bearer": []}]
+    operation.setdefault("responses", {})["401"] = {
+        "description": ERROR_DESCRIPTIONS[401],
+        "headers": _HEADERS[401],
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -70,6 +71,20 @@ def _valid_unicode(text: str) -> str:
             {"index": exc.start},
         ) from None
     return text
+
+
+def _integral(value: Any) -> Any:
+    """4.0 is the integer 4 in JSON (and in JSON Schema's `integer`); 4.5, "4" and true
+    still fail the strict int check after this."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def bounded_int(**bounds: int) -> Any:
+    """A strict int within `bounds` (ge, le, lt) that also takes integral floats. The
+    bounds come first so that the JSON schema shows them as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
@@ -147,7 +162,7 @@ def request_body_type(settings: ServerSettings) -> Any:
         """Guidance mode and scale."""
         merge_method: MergeMethod = "bone-soup"
         """How backbone coefficients come from mu (bone-soup: lambda = B^-1 mu, Eq. 13)."""
-        max_new_tokens: Annotated[int, Field(ge=1, le=settings.max_new_tokens)] | None = None
+        max_new_tokens: bounded_int(ge=1, le=settings.max_new_tokens) | None = None
         """Tokens to generate at most (also bounded by the model's context)."""
         do_sample: bool = False
         """Sample instead of greedy; implied by temperature, top_k or top_p."""
@@ -156,11 +171,11 @@ def request_body_type(settings: ServerSettings) -> Any:
             | None
         ) = None
         """Sampling temperature."""
-        top_k: Annotated[int, Field(ge=1, le=TOP_K_MAX)] | None = None
+        top_k: bounded_int(ge=1, le=TOP_K_MAX) | None = None
         """Keep the k most likely tokens when sampling."""
         top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
         """Nucleus filter: keep the most likely tokens holding this much probability."""
-        seed: Annotated[int, Field(ge=0, lt=SEED_LIMIT)] | None = None
+        seed: bounded_int(ge=0, lt=SEED_LIMIT) | None = None
         """Seed of the request's sampler, for reproducible sampling."""
         stop: list[Annotated[Text, Field(min_length=1, max_length=STOP_MAX_CHARS)]] = Field(
             default_factory=list, max_length=settings.max_stop_sequences
@@ -170,14 +185,34 @@ def request_body_type(settings: ServerSettings) -> Any:
         """Accepted for TGI compatibility; details are always returned."""
 
     class TextBody(BaseModel):
-        model_config = _STRICT
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "inputs": "The best way to learn a language is",
+                        "parameters": {"temperature": 0.8, "seed": 1},
+                    }
+                ]
+            },
+        )
         inputs: Annotated[Text, Field(min_length=1, max_length=max_chars)]
         """Raw prompt text (no chat template applied)."""
         parameters: Parameters = Field(default_factory=Parameters)
         """Generation parameters; omitted ones take the store's defaults."""
 
     class ChatBody(BaseModel):
-        model_config = _STRICT
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "messages": [{"role": "user", "content": "My flight was cancelled."}],
+                        "parameters": {"guidance": {"gamma": 1.0}},
+                    }
+                ]
+            },
+        )
         messages: list[Message] = Field(min_length=1)
         """Chat messages, rendered with the tokenizer's chat template."""
         parameters: Parameters = Field(default_factory=Parameters)
