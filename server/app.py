@@ -300,10 +300,10 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
         responses=api_responses(None, 503),
         summary="Objectives, B, alpha, beta, guidance modes, defaults and limits",
     )
-    async def info() -> dict[str, Any]:
+    async def info() -> JSONResponse:
         store_, _ = ready_engine()
         manifest = store_.checked.manifest
-        return {
+        info = {
             "version": package_version(),
             "store": manifest.name,
             "model": str(store_.checked.base_path.name),
@@ -324,6 +324,7 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
             "device": str(store_.device),
             "dtype": str(store_.dtype).removeprefix("torch."),
         }
+        return JSONResponse(finite_json(info))
 
     @app.get(
         "/metrics",

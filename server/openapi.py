@@ -115,7 +115,7 @@ def customise_openapi(app: FastAPI, open_paths: frozenset[str] | None) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
             return app.openapi_schema
-        schema = build()
+        schema = _exact_integer_bounds(build())
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 for status, response in operation.get("responses", {}).items():
@@ -136,6 +136,26 @@ def customise_openapi(app: FastAPI, open_paths: frozenset[str] | None) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _exact_integer_bounds(node: Any) -> Any:
+    """FastAPI's OpenAPI model stores bounds as floats (seed < 2**64 became
+    1.8446744073709552e+19); on integer fields write them back as exact integers, so that
+    clients and fuzzers do not compare seeds near 2**64 in floating point."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in _BOUNDS:
+                if isinstance(node.get(key), float) and node[key].is_integer():
+                    node[key] = int(node[key])
+        for value in node.values():
+            _exact_integer_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _exact_integer_bounds(value)
+    return node
 
 
 def _require_key(operation: dict[str, Any], open_path: bool) -> None:
