@@ -4,8 +4,9 @@ Every limit a body can break without knowing the store lives here, in the schema
 `/openapi.json` says what the server accepts: a body valid against it only gets a 422 for
 reasons that need the store (preference length or names, prompt too long in tokens, a mode
 the store lacks). Types are strict: `true` is not a number and `"4"` is not an integer
-(a JSON integer is still a fine float). The models depend on server settings (the
-`max_new_tokens` and stop-sequence limits), so `request_body_type` builds them per app.
+(a JSON integer is still a fine float, and 4.0 a fine integer). The models depend on
+server settings (the `max_new_tokens` and stop-sequence limits), so `request_body_type`
+builds them per app.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ TOP_K_MAX = 1_000_000
 """Largest top_k (values above the vocabulary size keep every token)."""
 SEED_LIMIT = 2**64
 """Seeds are below this: torch.Generator.manual_seed takes an unsigned 64-bit seed. An
-exclusive bound because /openapi.json writes bounds as floats, and 2**64 is one exactly."""
+exclusive bound since 2**64, unlike 2**64 - 1, is also exact for tools that read
+/openapi.json's bounds as floats."""
 STOP_MAX_CHARS = 256
 """Longest stop sequence: each is searched for in the text after every token."""
 CHARS_PER_TOKEN_BOUND = 32
@@ -92,13 +94,9 @@ Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 def _preference_shape(value: Any) -> str | None:
-    return (
-        "weights"
-        if isinstance(value, list)
-        else "by_objective"
-        if isinstance(value, dict)
-        else None
-    )
+    if isinstance(value, list):
+        return "weights"
+    return "by_objective" if isinstance(value, dict) else None
 
 
 Preference = Annotated[
