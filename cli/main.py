@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -262,14 +263,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve a store over HTTP")
     for name, field in ServerSettings.model_fields.items():
-        kind = field.annotation if field.annotation in (int, float) else str
-        serve.add_argument(
+        flag, help_text = (
             f"--{name.replace('_', '-')}",
-            dest=name,
-            type=kind,
-            default=None,
-            help=f"{field.description} [env MAGE_{name.upper()}]",
+            f"{field.description} [env MAGE_{name.upper()}]",
         )
+        if field.annotation is bool:
+            serve.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif typing.get_origin(field.annotation) is list:  # repeatable (api keys, origins)
+            serve.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        else:
+            kind = field.annotation if field.annotation in (int, float) else str
+            serve.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     serve.set_defaults(func=_serve)
     store = sub.add_parser("store", help="check, inspect or prepare a model store")
     store_sub = store.add_subparsers(dest="store_command", required=True)

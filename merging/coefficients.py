@@ -81,7 +81,16 @@ def normalise_preference(
             raise PreferenceError(f"`preference` weight for {name!r} must be finite")
         if value < 0:
             raise PreferenceError(f"`preference` weight for {name!r} must be >= 0. Given: {value}")
-    total = math.fsum(values)
+    try:
+        total = math.fsum(values)
+    except OverflowError:
+        total = math.inf
+    if not math.isfinite(total):
+        # mu is scale-free: finite weights near the float maximum (1e308, 1e308) overflow
+        # the sum, so divide by the largest first. Only then: it costs exactness elsewhere.
+        largest = max(values)
+        values = [v / largest for v in values]
+        total = math.fsum(values)
     if total <= 0:
         raise PreferenceError("`preference` weights must not all be zero")
     return torch.tensor(values, dtype=torch.float64) / total

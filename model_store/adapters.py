@@ -1,13 +1,24 @@
-"""Read PEFT LoRA adapter folders without PEFT's model wrapping (safetensors only)."""
+"""Read PEFT LoRA adapter folders without PEFT's model wrapping (safetensors only).
+
+The server applies an adapter as scale * B @ A on nn.Linear layers and nothing else, so
+an adapter_config.json option that changes what an adapter computes (DoRA magnitudes,
+LoRA biases, Conv1D weights, extra trained modules, ...) is refused by name rather than
+silently dropped. Options PEFT only uses at training or initialisation are ignored.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from peft import LoraConfig
+from peft.utils.other import get_pattern_key
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from merging.lora import LoraFactors
@@ -15,7 +26,42 @@ from model_store.errors import StoreError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_UNSUPPORTED_FLAGS = ("use_dora", "fan_in_fan_out")
+PICKLE_WEIGHTS = "adapter_model.bin"
+HONOURED_OPTIONS = frozenset(
+    {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "peft_type"}
+    # Which modules got adapters: the weights file holds exactly those, so loading it by
+    # tensor names honours these without reading them.
+    | {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
+)
+"""adapter_config.json keys whose meaning the server implements."""
+IGNORED_OPTIONS = frozenset(
+    {"task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision"}
+    | {"inference_mode", "lora_dropout", "runtime_config", "ensure_weight_tying"}
+    # initialisation only (the saved A and B are what counts)
+    | {"init_lora_weights", "loftq_config", "eva_config", "corda_config", "lora_ga_config"}
+    # meaningful only with an option refused below (megatron_config, use_qalora)
+    | {"megatron_core", "qalora_group_size"}
+)
+"""Keys that do not change what a loaded adapter computes."""
+_PEFT_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LoraConfig)}
+
+
+def _is_set(key: str, value: Any) -> bool:
+    if key == "bias":
+        return value != "none"
+    return value not in (None, False, "", {}, [])
+
+
+def refused_options(config: dict[str, Any]) -> list[str]:
+    """Options set in `config` that the server does not implement: use_dora, fan_in_fan_out,
+    bias, lora_bias, modules_to_save, trainable_token_indices, layer_replication,
+    target_parameters, alora_invocation_tokens, use_qalora, megatron_config, arrow_config,
+    ... and any key this PEFT version does not know, unless it is unset."""
+    return sorted(
+        key
+        for key, value in config.items()
+        if key not in HONOURED_OPTIONS | IGNORED_OPTIONS and _is_set(key, value)
+    )
 
 
 @dataclass(frozen=True)
@@ -30,9 +76,37 @@ class LoraAdapter:
     """Base-model module name (e.g. model.layers.0.self_attn.q_proj) -> factors."""
 
 
-def _scale(config: dict, module: str, rank: int) -> float:
-    alpha = config.get("alpha_pattern", {}).get(module, config.get("lora_alpha", rank))
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+def _scale(config: dict[str, Any], module: str, rank: int, where: Path) -> float:
+    """PEFT's scaling for `module` (its full name, e.g. model.layers.0.self_attn.q_proj):
+    rank_pattern and alpha_pattern keys are matched as PEFT matches them (get_pattern_key:
+    a regex against the end of the full name), not by the module's last segment."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(
+        get_pattern_key(rank_pattern.keys(), module), config.get("r", _PEFT_DEFAULTS["r"])
+    )
+    if r != rank:
+        raise StoreError(where, f"{module}: tensors have rank {rank}, the config says r={r}")
+    alpha = alpha_pattern.get(
+        get_pattern_key(alpha_pattern.keys(), module),
+        config.get("lora_alpha", _PEFT_DEFAULTS["lora_alpha"]),
+    )
+    return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        with path.open("rb") as handle:
+            head = handle.read(4)
+        # torch.save writes a zip archive (PK..) or, in its legacy format, a raw pickle
+        # (protocol opcode 0x80): say so, since the file name claims safetensors.
+        if head.startswith(b"PK") or head[:1] == b"\x80":
+            raise StoreError(
+                path, "is a pickle (torch.save) file, not safetensors: pickle is never loaded"
+            ) from None
+        raise StoreError(path, f"not a readable safetensors file: {exc}") from None
 
 
 def _module_name(key: str) -> tuple[str, str]:
@@ -49,6 +123,11 @@ def load_lora_adapter(path: Path, name: str, dtype: torch.dtype) -> LoraAdapter:
     """Load a PEFT LoRA adapter; any problem raises StoreError naming the file."""
     config_path = path / ADAPTER_CONFIG
     weights_path = path / ADAPTER_WEIGHTS
+    if not weights_path.is_file() and (path / PICKLE_WEIGHTS).is_file():
+        raise StoreError(
+            path / PICKLE_WEIGHTS,
+            f"pickle weights are never loaded; convert them to {ADAPTER_WEIGHTS}",
+        )
     for required in (config_path, weights_path):
         if not required.is_file():
             raise StoreError(required, "missing (a PEFT adapter needs config and safetensors)")
@@ -56,14 +135,15 @@ def load_lora_adapter(path: Path, name: str, dtype: torch.dtype) -> LoraAdapter:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as exc:
         raise StoreError(config_path, f"not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise StoreError(config_path, "not a JSON object")
     if config.get("peft_type", "LORA") != "LORA":
         raise StoreError(config_path, f"peft_type {config.get('peft_type')!r} is not LORA")
-    for flag in _UNSUPPORTED_FLAGS:
-        if config.get(flag):
-            raise StoreError(config_path, f"{flag}=true is not supported")
-    if config.get("modules_to_save"):
-        raise StoreError(config_path, "modules_to_save is not supported (one base serves all)")
-    tensors = load_file(str(weights_path))
+    refused = refused_options(config)
+    if refused:
+        settings = ", ".join(f"{key}={config[key]!r}" for key in refused)
+        raise StoreError(config_path, f"LoRA options the server does not implement: {settings}")
+    tensors = _read_weights(weights_path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         try:
@@ -84,7 +164,7 @@ def load_lora_adapter(path: Path, name: str, dtype: torch.dtype) -> LoraAdapter:
             )
         rank = lora_a.shape[0]
         modules[module] = LoraFactors(
-            lora_a.to(dtype), lora_b.to(dtype), _scale(config, module.rsplit(".", 1)[-1], rank)
+            lora_a.to(dtype), lora_b.to(dtype), _scale(config, module, rank, config_path)
         )
     if not modules:
         raise StoreError(weights_path, "holds no LoRA tensors")

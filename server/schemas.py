@@ -1,91 +1,232 @@
-"""Request bodies (TGI / LoRAX conventions) and their range checks with TGI-style messages."""
+"""Request and response bodies (TGI / LoRAX conventions), validated strictly at the edge.
+
+Every limit a body can break without knowing the store lives here, in the schema, so that
+`/openapi.json` says what the server accepts: a body valid against it only gets a 422 for
+reasons that need the store (preference length or names, prompt too long in tokens, a mode
+the store lacks). Types are strict: `true` is not a number and `"4"` is not an integer
+(a JSON integer is still a fine float, and 4.0 a fine integer). The models depend on
+server settings (the `max_new_tokens` and stop-sequence limits), so `request_body_type`
+builds them per app.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+)
+from pydantic_core import PydanticCustomError
+
+from merging.registry import MERGE_METHODS
+from model_store.manifest import GuidanceMode
+from server.settings import ServerSettings
+
+GAMMA_MAX = 100.0
+"""Largest guidance scale: gamma * V beyond this only saturates the distribution."""
+TEMPERATURE_MIN, TEMPERATURE_MAX = 0.01, 100.0
+"""Temperature range: below 0.01 sampling is greedy in all but name and divides scores
+towards overflow; above 100 it is uniform noise."""
+TOP_K_MAX = 1_000_000
+"""Largest top_k (values above the vocabulary size keep every token)."""
+SEED_LIMIT = 2**64
+"""Seeds are below this: torch.Generator.manual_seed takes an unsigned 64-bit seed. An
+exclusive bound since 2**64, unlike 2**64 - 1, is also exact for tools that read
+/openapi.json's bounds as floats."""
+STOP_MAX_CHARS = 256
+"""Longest stop sequence: each is searched for in the text after every token."""
+CHARS_PER_TOKEN_BOUND = 32
+"""A prompt longer than max_input_tokens * this many characters is refused before it is
+tokenised (tokenising megabytes takes seconds); tokenizers merge far fewer characters
+into one token in real text."""
+ROLES = ("system", "user", "assistant")
+"""Chat roles accepted in `messages`."""
+
+_STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
 
 class ApiError(Exception):
     """An error answered as {"error": message, "error_type": kind} with an HTTP status."""
 
-    def __init__(self, status: int, message: str, kind: str) -> None:
+    def __init__(
+        self, status: int, message: str, kind: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+        self.headers = headers
+
+
+def _valid_unicode(text: str) -> str:
+    """JSON escapes can spell lone surrogates (\\ud800), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "invalid_unicode",
+            "must be valid Unicode text (lone surrogate at character {index})",
+            {"index": exc.start},
+        ) from None
+    return text
+
+
+def _integral(value: Any) -> Any:
+    """4.0 is the integer 4 in JSON (and in JSON Schema's `integer`); 4.5, "4" and true
+    still fail the strict int check after this."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def bounded_int(**bounds: int) -> Any:
+    """A strict int within `bounds` (ge, le, lt) that also takes integral floats. The
+    bounds come first so that the JSON schema shows them as minimum/maximum."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+def _preference_shape(value: Any) -> str | None:
+    if isinstance(value, list):
+        return "weights"
+    return "by_objective" if isinstance(value, dict) else None
+
+
+Preference = Annotated[
+    Annotated[list[Weight], Tag("weights")] | Annotated[dict[str, Weight], Tag("by_objective")],
+    Discriminator(
+        _preference_shape,
+        custom_error_type="preference_shape",
+        custom_error_message="must be a list of weights or an {objective: weight} object",
+    ),
+]
+MergeMethod = Literal[tuple(MERGE_METHODS)]  # type: ignore[valid-type]
 
 
 class GuidanceParameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    mode: str | None = None
-    """none | explicit | explicit-ensemble | implicit | implicit-ensemble."""
-    gamma: float | None = None
-    """Guidance scale gamma of Eq. (25)."""
+    model_config = _STRICT
+    mode: GuidanceMode | None = None
+    """Guidance mode; omitted: the store's default. /info lists the store's modes."""
+    gamma: Annotated[float, Field(ge=0, le=GAMMA_MAX, allow_inf_nan=False)] | None = None
+    """Guidance scale gamma of Eq. (25); omitted: the store's default."""
 
 
-class Parameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    preference: list[float] | dict[str, float] | None = None
-    """mu: weights in objective order, or {objective: weight}; normalised onto the simplex."""
-    guidance: GuidanceParameters | None = None
-    """Guidance mode and scale."""
-    merge_method: Literal["bone-soup", "rewarded-soup", "direct"] = "bone-soup"
-    """How backbone coefficients come from mu (bone-soup: lambda = B^-1 mu, Eq. 13)."""
-    max_new_tokens: int | None = None
-    """Tokens to generate at most."""
-    do_sample: bool = False
-    """Sample instead of greedy; implied by temperature, top_k or top_p."""
-    temperature: float | None = None
-    """Sampling temperature (> 0)."""
-    top_k: int | None = None
-    """Top-k filter (> 0)."""
-    top_p: float | None = None
-    """Nucleus filter, in (0, 1]."""
-    seed: int | None = None
-    """Seed for sampling."""
-    stop: list[str] = Field(default_factory=list)
-    """Stop sequences."""
-    details: bool = True
-    """Accepted for TGI compatibility; details are always returned."""
+class GenerateResponse(BaseModel):
+    """What /generate answers (the last stream event carries the same two fields)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+    generated_text: str
+    """The generated text (without an EOS token, with a stop sequence)."""
+    details: dict[str, Any]
+    """finish_reason (length, eos_token, stop_sequence), prompt_tokens, generated_tokens,
+    seed, preference (mu), lambda, guidance {mode, gamma}, merge_cache_hit."""
 
 
-class Message(BaseModel):
-    role: str
-    content: str
+class ErrorBody(BaseModel):
+    """Every error the server answers, whatever the route."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+    error: str
+    """What went wrong, for people."""
+    error_type: str
+    """For programs: validation, unauthorized, payload_too_large, not_found,
+    method_not_allowed, overloaded, unavailable, timeout, generation, internal."""
 
 
-class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    inputs: str | None = None
-    """Raw prompt text (no template applied)."""
-    messages: list[Message] | None = None
-    """Chat messages, rendered with the tokenizer's chat template."""
-    parameters: Parameters = Field(default_factory=Parameters)
-    """Generation parameters."""
+def request_body_type(settings: ServerSettings) -> Any:
+    """The /generate body: text (`inputs`) xor chat (`messages`), with these limits."""
+    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+
+    class Message(BaseModel):
+        model_config = _STRICT
+        role: Literal[ROLES]  # type: ignore[valid-type]
+        """Who speaks: system, user or assistant."""
+        content: Annotated[Text, Field(max_length=max_chars)]
+        """What they say."""
+
+    class Parameters(BaseModel):
+        model_config = _STRICT
+        preference: Preference | None = None
+        """mu: weights in objective order, or {objective: weight} (missing names weigh 0);
+        finite, >= 0, not all zero; normalised onto the simplex. Omitted: the store's."""
+        guidance: GuidanceParameters | None = None
+        """Guidance mode and scale."""
+        merge_method: MergeMethod = "bone-soup"
+        """How backbone coefficients come from mu (bone-soup: lambda = B^-1 mu, Eq. 13)."""
+        max_new_tokens: bounded_int(ge=1, le=settings.max_new_tokens) | None = None
+        """Tokens to generate at most (also bounded by the model's context)."""
+        do_sample: bool = False
+        """Sample instead of greedy; implied by temperature, top_k or top_p."""
+        temperature: (
+            Annotated[float, Field(ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False)]
+            | None
+        ) = None
+        """Sampling temperature."""
+        top_k: bounded_int(ge=1, le=TOP_K_MAX) | None = None
+        """Keep the k most likely tokens when sampling."""
+        top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+        """Nucleus filter: keep the most likely tokens holding this much probability."""
+        seed: bounded_int(ge=0, lt=SEED_LIMIT) | None = None
+        """Seed of the request's sampler, for reproducible sampling."""
+        stop: list[Annotated[Text, Field(min_length=1, max_length=STOP_MAX_CHARS)]] = Field(
+            default_factory=list, max_length=settings.max_stop_sequences
+        )
+        """Stop sequences: the output ends after the first one appears."""
+        details: bool = True
+        """Accepted for TGI compatibility; details are always returned."""
+
+    class TextBody(BaseModel):
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "inputs": "The best way to learn a language is",
+                        "parameters": {"temperature": 0.8, "seed": 1},
+                    }
+                ]
+            },
+        )
+        inputs: Annotated[Text, Field(min_length=1, max_length=max_chars)]
+        """Raw prompt text (no chat template applied)."""
+        parameters: Parameters = Field(default_factory=Parameters)
+        """Generation parameters; omitted ones take the store's defaults."""
+
+    class ChatBody(BaseModel):
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "messages": [{"role": "user", "content": "My flight was cancelled."}],
+                        "parameters": {"guidance": {"gamma": 1.0}},
+                    }
+                ]
+            },
+        )
+        messages: list[Message] = Field(min_length=1)
+        """Chat messages, rendered with the tokenizer's chat template."""
+        parameters: Parameters = Field(default_factory=Parameters)
+        """Generation parameters; omitted ones take the store's defaults."""
+
+    return Annotated[
+        Annotated[TextBody, Tag("text")] | Annotated[ChatBody, Tag("chat")],
+        Discriminator(
+            _body_shape,
+            custom_error_type="body_shape",
+            custom_error_message="give exactly one of `inputs` or `messages` (a JSON object)",
+        ),
+    ]
 
 
-def check_ranges(p: Parameters, max_new_tokens_limit: int, max_stop: int) -> None:
-    """Range checks, with messages shaped like TGI's."""
-
-    def fail(message: str) -> None:
-        raise ApiError(422, message, "validation")
-
-    if p.max_new_tokens is not None:
-        if p.max_new_tokens <= 0:
-            fail(f"`max_new_tokens` must be strictly positive. Given: {p.max_new_tokens}")
-        if p.max_new_tokens > max_new_tokens_limit:
-            fail(f"`max_new_tokens` must be <= {max_new_tokens_limit}. Given: {p.max_new_tokens}")
-    if p.temperature is not None and not p.temperature > 0:
-        fail(f"`temperature` must be strictly positive. Given: {p.temperature}")
-    if p.top_k is not None and p.top_k <= 0:
-        fail(f"`top_k` must be strictly positive. Given: {p.top_k}")
-    if p.top_p is not None and not 0 < p.top_p <= 1:
-        fail(f"`top_p` must be > 0.0 and <= 1.0. Given: {p.top_p}")
-    if len(p.stop) > max_stop:
-        fail(f"`stop` supports up to {max_stop} stop sequences. Given: {len(p.stop)}")
-    if any(s == "" for s in p.stop):
-        fail("`stop` sequences must not be empty")
-    if p.guidance and p.guidance.gamma is not None:
-        gamma = p.guidance.gamma
-        if gamma != gamma or abs(gamma) == float("inf") or gamma < 0:
-            fail(f"`gamma` must be finite and >= 0. Given: {gamma}")
+def _body_shape(value: Any) -> str | None:
+    if not isinstance(value, dict) or ("inputs" in value) == ("messages" in value):
+        return None
+    return "text" if "inputs" in value else "chat"

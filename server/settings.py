@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _comma_list(value: Any) -> Any:
+    """'a,b' (environment) or ['a,b', 'c'] (repeated flags) -> ['a', 'b', 'c']."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list | tuple):
+        return [
+            part.strip()
+            for item in value
+            for part in (item.split(",") if isinstance(item, str) else [item])
+            if not isinstance(part, str) or part.strip()
+        ]
+    return value
 
 
 class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MAGE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="MAGE_", extra="ignore", use_attribute_docstrings=True
+    )
 
     store: str = ""
     """Path of the model store to serve (folder with mage_store.json)."""
@@ -40,9 +56,23 @@ class ServerSettings(BaseSettings):
     """Longest prompt, in tokens, after the chat template."""
     max_stop_sequences: int = Field(default=4, ge=0)
     """Most stop sequences per request."""
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    """Largest request body in bytes; a larger one gets 413 before it is read."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     """Deadline of each request, from arrival; past it generation stops with an error."""
     merge_cache_mb: float = Field(default=256.0, ge=0)
     """Byte budget of the per-preference merge cache."""
+    api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    """API keys; when any is set, every route but /health, /ready and /metrics needs
+    `Authorization: Bearer <key>`. Comma-separated in the environment; repeat the flag."""
+    metrics_require_key: bool = False
+    """Also require an API key on /metrics (off: Prometheus scrapes without one)."""
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Origins allowed by CORS (e.g. https://app.example.com, or *); none: CORS off."""
     log_level: str = "info"
     """uvicorn log level."""
+
+    @field_validator("api_key", "cors_origins", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        return _comma_list(value)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
-from model_store.manifest import GUIDANCE_MODES
-from server.schemas import ApiError, GenerateBody, check_ranges
+from server.schemas import CHARS_PER_TOKEN_BOUND, ApiError
 from server.settings import ServerSettings
 
 
@@ -23,39 +23,44 @@ def available_modes(store: LoadedStore) -> list[str]:
     return modes
 
 
-def tokenize_prompt(body: GenerateBody, store: LoadedStore, settings: ServerSettings) -> list[int]:
+def tokenize_prompt(body: Any, store: LoadedStore, settings: ServerSettings) -> list[int]:
+    """Prompt ids of a text body (`inputs`, no template) or a chat body (`messages`); the
+    schema has already checked that exactly one is there, non-empty, valid Unicode."""
     tokenizer = store.tokenizer
-    if (body.inputs is None) == (body.messages is None):
-        raise ApiError(422, "give exactly one of `inputs` or `messages`", "validation")
-    if body.messages is not None:
-        if not body.messages:
-            raise ApiError(422, "`messages` cannot be empty", "validation")
+    messages = getattr(body, "messages", None)
+    if messages is not None:
+        # The schema bounds each message; their sum is bounded here, before the template
+        # and the tokenizer see megabytes.
+        max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+        total = sum(len(m.content) for m in messages)
+        if total > max_chars:
+            raise ApiError(
+                422,
+                f"`messages` must have at most {max_chars} characters in all. Given: {total}",
+                "validation",
+            )
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(422, "this model has no chat template; send `inputs`", "validation")
-        messages = [m.model_dump() for m in body.messages]
+        rendered = [m.model_dump() for m in messages]
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # jinja errors for roles the template rejects
+            ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # jinja errors for roles or orders the template rejects
             raise ApiError(422, f"`messages` could not be rendered: {exc}", "validation") from None
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     else:
-        if not body.inputs:
-            raise ApiError(422, "`inputs` cannot be empty", "validation")
         ids = tokenizer(body.inputs, add_special_tokens=False)["input_ids"]
     if len(ids) > settings.max_input_tokens:
         raise ApiError(
             422,
-            f"`inputs` must have less than {settings.max_input_tokens} tokens. Given: {len(ids)}",
+            f"`inputs` must have at most {settings.max_input_tokens} tokens. Given: {len(ids)}",
             "validation",
         )
     return ids
 
 
-def build_request(
-    body: GenerateBody, store: LoadedStore, settings: ServerSettings
-) -> GenerationRequest:
+def build_request(body: Any, store: LoadedStore, settings: ServerSettings) -> GenerationRequest:
+    """The engine's request for a schema-valid body; ApiError (422) for what needs the store."""
     p = body.parameters
-    check_ranges(p, settings.max_new_tokens, settings.max_stop_sequences)
     defaults = store.checked.manifest.defaults
     objectives = store.objectives
     preference = (
@@ -68,12 +73,6 @@ def build_request(
     except PreferenceError as exc:
         raise ApiError(422, str(exc), "validation") from None
     mode = (p.guidance.mode if p.guidance and p.guidance.mode else None) or defaults.guidance_mode
-    if mode not in GUIDANCE_MODES:
-        raise ApiError(
-            422,
-            f"`guidance.mode` must be one of {list(GUIDANCE_MODES)}. Given: {mode!r}",
-            "validation",
-        )
     if mode not in available_modes(store):
         raise ApiError(
             422,
@@ -107,7 +106,7 @@ def build_request(
     )
 
 
-def _sampling(p, defaults) -> SamplingParams:
+def _sampling(p: Any, defaults: Any) -> SamplingParams:
     sample = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
     if not sample and defaults.temperature:
         return SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, p.seed)

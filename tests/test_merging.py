@@ -87,6 +87,15 @@ def test_bad_preferences_get_clear_messages(preference, message):
         normalise_preference(preference, ["helpful", "harmless"])
 
 
+def test_weights_near_the_float_maximum_do_not_overflow():
+    # math.fsum([1e308, 1e308]) overflows; mu is scale-free, so these are (1/2, 1/2).
+    mu = normalise_preference([1e308, 1e308], ["helpful", "harmless"])
+    assert torch.equal(mu, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    mu = normalise_preference({"harmless": 1.7e308}, ["helpful", "harmless"])
+    assert torch.equal(mu, torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert torch.isfinite(normalise_preference([1.7e308, 5e-324], ["a", "b"])).all()
+
+
 def test_preference_is_normalised_and_map_form_accepted():
     mu = normalise_preference({"harmless": 3.0, "helpful": 1.0}, ["helpful", "harmless"])
     assert torch.allclose(mu, torch.tensor([0.25, 0.75], dtype=torch.float64))

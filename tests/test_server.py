@@ -76,20 +76,20 @@ def test_chat_messages_use_the_template(server):
     ("payload", "message"),
     [
         (body(max_new_tokens=9000), "`max_new_tokens` must be <= 512. Given: 9000"),
-        (body(temperature=0), "`temperature` must be strictly positive"),
-        (body(top_p=1.5), "`top_p` must be > 0.0 and <= 1.0"),
-        (body(top_k=0), "`top_k` must be strictly positive"),
+        (body(temperature=0), "`temperature` must be >= 0.01. Given: 0"),
+        (body(top_p=1.5), "`top_p` must be <= 1. Given: 1.5"),
+        (body(top_k=0), "`top_k` must be >= 1. Given: 0"),
         (body(preference=[1, 2, 3]), "`preference` must have 2 weights"),
-        (body(preference=[1, -1]), "must be >= 0"),
+        (body(preference=[1, -1]), "`preference.1` must be >= 0. Given: -1"),
         (body(preference={"funny": 1}), "unknown objective"),
         (body(preference=[0, 0]), "must not all be zero"),
         (body(guidance={"mode": "telepathy"}), "`guidance.mode` must be one of"),
-        (body(guidance={"gamma": -1}), "`gamma` must be finite and >= 0"),
-        (body(stop=["a", "b", "c", "d", "e"]), "up to 4 stop sequences"),
+        (body(guidance={"gamma": -1}), "`guidance.gamma` must be >= 0. Given: -1"),
+        (body(stop=["a", "b", "c", "d", "e"]), "`stop` must have at most 4 items. Given: 5"),
         (body(colour="red"), "parameters.colour: Extra inputs are not permitted"),
         ({"inputs": "", "parameters": {}}, "`inputs` cannot be empty"),
         ({"inputs": "x", "messages": [{"role": "user", "content": "x"}]}, "exactly one of"),
-        ({"inputs": "word " * 3000}, "`inputs` must have less than 2048 tokens"),
+        ({"inputs": "word " * 3000}, "`inputs` must have at most 2048 tokens. Given: "),
         ({"inputs": "x", "parameters": {"max_new_tokens": 256}}, "`max_new_tokens` must be <= 256"),
     ],
 )
@@ -119,13 +119,17 @@ def test_mode_missing_from_store_is_422(tmp_path):
     assert "not available in this store" in response.json()["error"]
 
 
-def test_not_ready_is_503(tmp_path):
+def test_not_ready_is_503(tmp_path, caplog):
     with running_server(None, wait_ready=False, store=str(tmp_path / "missing")) as url:
         time.sleep(0.5)
         ready = httpx.get(f"{url}/ready")
         generate = httpx.post(f"{url}/generate", json=body())
         assert httpx.get(f"{url}/health").status_code == 200
-    assert ready.status_code == 503 and "store folder does not exist" in ready.json()["error"]
+    assert ready.status_code == 503 and ready.json() == {
+        "error": "not ready: the model store failed to load (the server log says why)",
+        "error_type": "unavailable",
+    }  # no filesystem path for unauthenticated clients: the reason is in the log
+    assert f"{tmp_path / 'missing'}: store folder does not exist" in caplog.text
     assert generate.status_code == 503 and generate.json()["error_type"] == "unavailable"
 
 
@@ -166,6 +170,7 @@ def test_full_queue_answers_429(tiny_store):
                 third = httpx.post(f"{url}/generate", json=body(), timeout=30)
                 assert third.status_code == 429
                 assert third.json()["error_type"] == "overloaded"
+                assert third.headers["retry-after"] == "1"  # seconds, as RFC 9110 has it
         assert wait_for(
             lambda: (
                 metric(url, "mage_running_requests") == 0 and metric(url, "mage_queue_size") == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -140,3 +141,65 @@ def test_cli_serve_refuses_bad_store(store_copy, capsys):
     (store_copy / MANIFEST_NAME).unlink()
     assert mage(["serve", "--store", str(store_copy)]) == 2
     assert "missing store manifest" in capsys.readouterr().err
+
+
+# --- tampered stores: refused by `mage serve` before it binds a port ----------------------
+
+
+def flip_a_byte(root) -> str:
+    weights = root / "backbones/helpful/adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0x01  # in the tensor data, past the header: still a loadable file
+    weights.write_bytes(bytes(data))
+    return "backbones/helpful/adapter_model.safetensors: checksum mismatch"
+
+
+def pickle_instead_of_safetensors(root) -> str:
+    adapter = root / "backbones/helpful"
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    # as a tamperer would, the manifest no longer lists the file
+    edit_manifest(root, lambda d: d["checksums"].pop("backbones/helpful/adapter_model.safetensors"))
+    return "helpful/adapter_model.bin: pickle weights are never loaded"
+
+
+def pickle_named_safetensors(root) -> str:
+    weights = root / "backbones/helpful/adapter_model.safetensors"
+    torch.save(load_file(str(weights)), weights)
+    refresh_checksums(root)
+    return "helpful/adapter_model.safetensors: is a pickle (torch.save) file, not safetensors"
+
+
+def singular_b(root) -> str:
+    edit_manifest(root, lambda d: [b.update(weights=[0.5, 0.5]) for b in d["backbones"]])
+    return f"{MANIFEST_NAME}: backbone weights: B is singular"
+
+
+def head_of_wrong_vocabulary(root) -> str:
+    write_value_head(random_value_head(32, 999), root / "values/harmless-head.safetensors")
+    refresh_checksums(root)
+    return "harmless-head.safetensors: head gives 999 values"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        flip_a_byte,
+        pickle_instead_of_safetensors,
+        pickle_named_safetensors,
+        singular_b,
+        head_of_wrong_vocabulary,
+    ],
+)
+def test_tampered_store_is_refused_before_binding(store_copy, tamper, capsys, monkeypatch):
+    problem = tamper(store_copy)
+    with pytest.raises(StoreError, match=re.escape(problem)):
+        check_store(store_copy)
+
+    def bind(*args, **kwargs):
+        raise AssertionError("uvicorn.run reached: the port would be bound")
+
+    monkeypatch.setattr("uvicorn.run", bind)
+    assert mage(["serve", "--store", str(store_copy)]) == 2
+    err = capsys.readouterr().err
+    assert "mage serve: bad store:" in err and problem in err and "Traceback" not in err

@@ -1,0 +1,151 @@
+"""Every error leaves the server as {"error": ..., "error_type": ...}, in strict JSON.
+
+Validation errors are rewritten from pydantic's into one sentence per problem, named by
+the field's path (relative to `parameters`, as TGI names them): a client reads
+"`max_new_tokens` must be <= 512. Given: 9000", never a list of pydantic dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+MAX_MESSAGE_CHARS = 2000
+"""Error messages are cut here: some echo what the client sent (field names, modes)."""
+HTTP_ERROR_TYPES = {
+    400: "bad_request",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    422: "validation",
+    429: "overloaded",
+    500: "internal",
+    503: "unavailable",
+    504: "timeout",
+}
+"""error_type for statuses raised by the framework itself (404 routes, 405 methods)."""
+
+# Tags of the discriminated unions (server.schemas): part of pydantic's error locations,
+# meaningless to clients.
+_BODY_TAGS = ("text", "chat")
+_PREFERENCE_TAGS = ("weights", "by_objective")
+_BOUNDS = {
+    "greater_than_equal": (">=", "ge"),
+    "greater_than": (">", "gt"),
+    "less_than_equal": ("<=", "le"),
+    "less_than": ("<", "lt"),
+}
+_TYPES = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "model_type": "an object",
+    "model_attributes_type": "an object",
+}
+
+
+def clean_message(message: str) -> str:
+    """Bounded, and encodable as UTF-8 (a lone surrogate a client sent is escaped)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 1] + "…"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_response(
+    status: int, message: str, kind: str, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": clean_message(message), "error_type": kind},
+        status_code=status,
+        headers=dict(headers) if headers else None,
+    )
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by null: strict JSON has neither."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict JSON text (raises rather than writing NaN), after finite_json."""
+    return json.dumps(finite_json(value), allow_nan=False)
+
+
+def _given(value: Any) -> str:
+    if isinstance(value, str | list | dict) and len(value) > 80:
+        value = value[:80] if isinstance(value, str | list) else "{...}"  # never dump megabytes
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bound(value: Any) -> str:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))  # "must be >= 0", not ">= 0.0"
+    return str(value)
+
+
+def _path(loc: Iterable[Any]) -> list[str]:
+    parts = [str(p) for p in loc]
+    if parts[:1] == ["body"]:
+        parts = parts[1:]
+    if parts[:1] and parts[0] in _BODY_TAGS:
+        parts = parts[1:]
+    if parts[:2] == ["parameters", "preference"] and parts[2:3] and parts[2] in _PREFERENCE_TAGS:
+        del parts[2]
+    return parts
+
+
+def describe_error(error: Mapping[str, Any]) -> str:
+    """One pydantic error as a sentence."""
+    kind, ctx, given = error["type"], error.get("ctx") or {}, error.get("input")
+    parts = _path(error["loc"])
+    full = ".".join(parts) or "body"
+    name = ".".join(parts[1:]) if parts[:1] == ["parameters"] and len(parts) > 1 else full
+    unit = "characters" if isinstance(given, str) else "items"
+    if kind == "json_invalid":
+        return "body is not valid JSON"
+    if kind == "missing":
+        return f"`{name}` is required" if parts else "body is required: a JSON object"
+    if kind in _BOUNDS:
+        op, key = _BOUNDS[kind]
+        return f"`{name}` must be {op} {_bound(ctx.get(key))}. Given: {_given(given)}"
+    if kind == "finite_number":
+        return f"`{name}` must be a finite number"
+    if kind in ("too_short", "string_too_short"):
+        least = ctx.get("min_length")
+        return f"`{name}` cannot be empty" if least == 1 else f"`{name}` needs {least}+ {unit}"
+    if kind in ("too_long", "string_too_long"):
+        count = len(given) if hasattr(given, "__len__") else "more"
+        return f"`{name}` must have at most {ctx.get('max_length')} {unit}. Given: {count}"
+    if kind == "literal_error":
+        return f"`{name}` must be one of {ctx.get('expected')}. Given: {_given(given)}"
+    if kind in _TYPES:
+        return f"`{name}` must be {_TYPES[kind]}. Given: {_given(given)}"
+    if kind == "body_shape":
+        return error["msg"]
+    if kind in ("preference_shape", "invalid_unicode"):
+        return f"`{name}` {error['msg']}"
+    return f"{full}: {error['msg']}"
+
+
+def describe_validation(errors: Iterable[Mapping[str, Any]]) -> str:
+    problems = list(dict.fromkeys(describe_error(e) for e in errors))  # unique, in order
+    return "invalid request: " + "; ".join(problems)
