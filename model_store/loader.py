@@ -14,6 +14,9 @@ from model_store.errors import StoreError
 from model_store.multi_lora import RowCoefficients, wrap_linear_layers
 from model_store.validate import CheckedStore, check_store, resolve
 
+END_OF_DOCUMENT_TOKENS = frozenset({"<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"})
+"""Special tokens that end a document in common tokenizers; generating one ends a response."""
+
 
 @dataclass(frozen=True)
 class LoadedStore:
@@ -55,10 +58,17 @@ class LoadedStore:
 
     @property
     def eos_ids(self) -> set[int]:
-        """Tokens that end a response: the tokenizer's EOS and the generation config's."""
+        """Tokens that end a response: the tokenizer's EOS, the generation config's and the
+        model config's, and the tokenizer's end-of-document token when it is a special
+        token (SmolLM2-Instruct ends chat turns with <|im_end|> but may still emit its
+        pretraining <|endoftext|>; text after either is not part of the answer)."""
         ids = {self.tokenizer.eos_token_id}
-        config_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        ids |= set(config_eos) if isinstance(config_eos, list) else {config_eos}
+        for config in (self.model.generation_config, self.model.config):
+            eos = getattr(config, "eos_token_id", None)
+            ids |= set(eos) if isinstance(eos, list) else {eos}
+        specials = set(self.tokenizer.all_special_tokens)
+        for token in END_OF_DOCUMENT_TOKENS & specials:
+            ids.add(self.tokenizer.convert_tokens_to_ids(token))
         return {i for i in ids if i is not None}
 
     @property

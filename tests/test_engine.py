@@ -4,6 +4,7 @@ that stay with their request."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -340,3 +341,24 @@ def test_health_reports_a_dead_or_stalled_engine(store, monkeypatch):
     dying.submit(RequestHandle(request(store, "Hi"), lambda e: None, time.monotonic()))
     dying._thread.join(timeout=5)
     assert dying.health() == "the engine thread has stopped"
+
+
+def test_end_of_document_tokens_join_the_eos_set(store):
+    import copy
+
+    tokenizer = copy.deepcopy(store.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    widened = dataclasses.replace(store, tokenizer=tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") in widened.eos_ids
+    assert store.eos_ids < widened.eos_ids
+
+
+def test_an_eos_token_ends_generation_unless_ignored(store):
+    free = request(store, PROMPTS[0], (0.3, 0.7), "none", 6)
+    first = ids_of(Engine(store).run_to_completion(free))[0]
+    engine = Engine(store)
+    engine.eos_ids = engine.eos_ids | {first}
+    (event,) = engine.run_to_completion(free)
+    assert event.id == first and event.details["finish_reason"] == "eos_token"
+    ignoring = engine.run_to_completion(dataclasses.replace(free, ignore_eos=True))
+    assert len(ignoring) == 6 and ignoring[-1].details["finish_reason"] == "length"

@@ -49,13 +49,16 @@ def test_a_dead_engine_fails_probes_and_queued_requests(loaded):
 def test_burst_capacity_is_queue_plus_running(loaded):
     with running_server(loaded, max_queue=4, max_running=2) as url:
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            codes = list(
+            answers = list(
                 pool.map(
-                    lambda _: httpx.post(f"{url}/generate", json=body(16), timeout=60).status_code,
+                    lambda _: httpx.post(f"{url}/generate", json=body(16), timeout=60),
                     range(24),
                 )
             )
-        assert sorted(codes) == [200] * 6 + [429] * 18
+        assert sorted(a.status_code for a in answers) == [200] * 6 + [429] * 18
+        refused = [a for a in answers if a.status_code == 429]
+        assert all(a.headers["retry-after"] == "1" for a in refused)
+        assert all(a.json()["error_type"] == "overloaded" for a in refused)
         assert httpx.post(f"{url}/generate", json=body(), timeout=30).status_code == 200
 
 

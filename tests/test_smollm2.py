@@ -84,3 +84,18 @@ def test_committed_demo_store_is_complete_and_valid(smol_url):
     assert [s.weights for s in manifest.specialists] == [[1.0, 0.0], [0.0, 1.0]]
     assert [v.objective for v in manifest.guidance.explicit] == manifest.objectives
     assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
+
+
+def test_both_smollm2_end_tokens_end_generation(tmp_path):
+    """<|im_end|> ends a chat turn; <|endoftext|> (id 0) ends a document, and SmolLM2's own
+    generate stops there too, so it must not be emitted over and over."""
+    root = build_random_store(
+        tmp_path / "store",
+        {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE},
+        ["relevance", "positivity"],
+        beta=0.7,
+        alpha=0.1,
+    )
+    store = load_store(root, "cpu", "float32")
+    tokens = store.tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert set(tokens) <= store.eos_ids
