@@ -16,6 +16,7 @@ when the engine thread itself is gone or stuck.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -40,6 +41,8 @@ from merging.cache import MergeCache
 from model_store.loader import LoadedStore
 
 log = logging.getLogger("mage.engine")
+SWITCH_INTERVAL_S = 0.0005
+"""GIL switch interval while an engine thread runs (see Engine.start)."""
 
 
 class QueueFullError(Exception):
@@ -150,6 +153,10 @@ class Engine:
 
     # --- lifecycle and the HTTP side ------------------------------------------------------
     def start(self) -> None:
+        # The engine thread shares the GIL with the HTTP event loop, and re-takes it after
+        # every torch op; with Python's default 5 ms switch interval a busy event loop can
+        # make each of those waits 5 ms. A shorter interval bounds them (process-wide).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         self._thread.start()
 
     def stop(self) -> None:

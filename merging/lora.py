@@ -55,6 +55,9 @@ class StackedLora:
     """(R,) long: which adapter slot each rank column belongs to."""
     column_scale: torch.Tensor
     """(R,): that adapter's LoRA scale."""
+    layout: tuple
+    """(slots, ranks, scales): layers with equal layouts share their per-row column
+    weights, computed once per forward (model_store.multi_lora.RowCoefficients)."""
 
 
 def stack_adapters(adapters: dict[int, LoraFactors]) -> StackedLora:
@@ -68,7 +71,13 @@ def stack_adapters(adapters: dict[int, LoraFactors]) -> StackedLora:
         [adapters[k].scale for k, r in zip(slots, ranks, strict=True) for _ in range(r)],
         dtype=a.dtype,
     )
-    return StackedLora(a, b, slot.to(a.device), scale.to(a.device))
+    layout = (tuple(slots), tuple(ranks), tuple(adapters[k].scale for k in slots))
+    return StackedLora(a, b, slot.to(a.device), scale.to(a.device), layout)
+
+
+def row_columns(stacked: StackedLora, coefficients: torch.Tensor) -> torch.Tensor:
+    """(rows, R): each rank column's weight in each row, C[b, slot(col)] * scale(col)."""
+    return coefficients[:, stacked.column_slot] * stacked.column_scale
 
 
 def apply_row_lora(
@@ -80,6 +89,19 @@ def apply_row_lora(
     x_b @ (sum_k C[b, k] * scale_k * B_k @ A_k)^T — the exact merge of Eq. (6)/(24) —
     computed through the rank bottleneck, so no dense delta is ever formed.
     """
-    column = coefficients[:, stacked.column_slot] * stacked.column_scale  # (rows, R)
+    return add_row_lora(torch.zeros(()), x, stacked, row_columns(stacked, coefficients))
+
+
+def add_row_lora(
+    out: torch.Tensor, x: torch.Tensor, stacked: StackedLora, columns: torch.Tensor
+) -> torch.Tensor:
+    """out + the adapters' contribution, given the row_columns (rows, R) of the stack; x:
+    (rows, tokens, in), out: (rows, tokens, out) or a scalar. Three kernels: the rank
+    projection, the per-row column weights (in place) and one fused multiply-add."""
     hidden = x @ stacked.lora_a.T  # (rows, tokens, R)
-    return (hidden * column[:, None, :]) @ stacked.lora_b.T  # (rows, tokens, out)
+    hidden.mul_(columns[:, None, :])
+    if out.dim() == 0:
+        return hidden @ stacked.lora_b.T
+    flat = out.view(-1, out.shape[-1])  # (rows * tokens, out): add in place, no new tensor
+    flat.addmm_(hidden.view(-1, hidden.shape[-1]), stacked.lora_b.T)
+    return out

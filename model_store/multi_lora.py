@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from merging.lora import LoraFactors, StackedLora, apply_row_lora, stack_adapters
+from merging.lora import LoraFactors, StackedLora, add_row_lora, row_columns, stack_adapters
 
 
 class RowCoefficients:
@@ -20,18 +20,27 @@ class RowCoefficients:
 
     def __init__(self) -> None:
         self.matrix: torch.Tensor | None = None  # (rows, adapters)
-        self.active: list[int] = []  # adapters with a non-zero coefficient in some row
+        self.active: frozenset[int] = frozenset()  # adapters non-zero in some row
+        self._columns: dict[tuple, torch.Tensor] = {}  # per stack layout, this forward
 
     def set(self, matrix: torch.Tensor | None, active: list[int] | None = None) -> None:
         """Install the (rows, adapters) matrix for the next forward. `active` lists the
         adapters with a non-zero coefficient when the caller knows them (no device read)."""
-        self.matrix = matrix
+        self.matrix, self._columns = matrix, {}
         if matrix is None:
-            self.active = []
+            self.active = frozenset()
         elif active is not None:
-            self.active = list(active)
+            self.active = frozenset(active)
         else:
-            self.active = [int(k) for k in torch.nonzero(matrix.abs().sum(0)).flatten()]
+            self.active = frozenset(int(k) for k in torch.nonzero(matrix.abs().sum(0)).flatten())
+
+    def columns(self, stacked: StackedLora) -> torch.Tensor:
+        """(rows, R) column weights of a stack, computed once per forward for all the
+        layers that share its layout (usually every layer)."""
+        cached = self._columns.get(stacked.layout)
+        if cached is None:
+            cached = self._columns[stacked.layout] = row_columns(stacked, self.matrix)
+        return cached
 
 
 class MultiLoraLinear(nn.Module):
@@ -62,12 +71,12 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        matrix = self.coefficients.matrix
-        if matrix is None or self.stacked is None:
+        coefficients = self.coefficients
+        if coefficients.matrix is None or self.stacked is None:
             return out
-        if not any(index in self.adapters for index in self.coefficients.active):
+        if coefficients.active.isdisjoint(self.adapters):
             return out  # e.g. the reference row alone, or adapters of other layers
-        return out + apply_row_lora(x, self.stacked, matrix)
+        return add_row_lora(out, x, self.stacked, coefficients.columns(self.stacked))
 
 
 def wrap_linear_layers(
