@@ -18,13 +18,11 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +39,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.served import serving  # noqa: E402
 
 SCHEMA_CHECKS = [
     not_a_server_error,
@@ -206,31 +208,6 @@ def print_table(report: Report) -> None:
         print("FAIL", failure, file=sys.stderr)
 
 
-@contextlib.contextmanager
-def served(store: str, max_new_tokens: int) -> Iterator[str]:
-    """`mage serve` on a free loopback port, with generation capped low so fuzzing is fast."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "cli.main", "serve", "--store", store, "--port", str(port)]
-    command += ["--max-new-tokens", str(max_new_tokens), "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"mage serve exited with {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -243,7 +220,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=4, help="with --store")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(served(args.store, args.max_new_tokens))
+        flags = ["--max-new-tokens", str(args.max_new_tokens)]
+        url = args.url or stack.enter_context(serving(args.store, flags)).url
         start = time.monotonic()
         report = fuzz(url, args.examples, api_key=args.key)
         seconds = time.monotonic() - start

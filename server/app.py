@@ -336,7 +336,7 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
         summary="Objectives, B, alpha, beta, guidance modes, defaults and limits",
     )
     async def info() -> JSONResponse:
-        store_, _ = ready_engine()
+        store_, engine = ready_engine()
         manifest = store_.checked.manifest
         info = {
             "version": package_version(),
@@ -355,6 +355,9 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
                 "max_running": settings.max_running,
                 "request_timeout_s": settings.request_timeout_s,
                 "max_body_bytes": settings.max_body_bytes,
+                "merge_cache_mb": settings.merge_cache_mb,
+                "kv_cache_tokens": engine.config.kv_budget_tokens,
+                "prefill_tokens": settings.prefill_tokens,
             },
             "device": str(store_.device),
             "dtype": str(store_.dtype).removeprefix("torch."),
