@@ -46,7 +46,7 @@ def test_a_dead_engine_fails_probes_and_queued_requests(loaded):
         assert refused.status_code == 503  # refused at once, not queued
 
 
-def test_burst_capacity_is_queue_plus_running(loaded):
+def test_burst_at_four_times_capacity_gets_only_429s_beyond_it(loaded):
     with running_server(loaded, max_queue=4, max_running=2) as url:
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
             answers = list(
@@ -59,6 +59,7 @@ def test_burst_capacity_is_queue_plus_running(loaded):
         refused = [a for a in answers if a.status_code == 429]
         assert all(a.headers["retry-after"] == "1" for a in refused)
         assert all(a.json()["error_type"] == "overloaded" for a in refused)
+        assert httpx.get(f"{url}/health").status_code == 200  # healthy after the burst
         assert httpx.post(f"{url}/generate", json=body(), timeout=30).status_code == 200
 
 
