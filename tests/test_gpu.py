@@ -60,3 +60,17 @@ def test_cuda_bfloat16_batched_eval_runs_every_method(tiny_store):
             store, method, (0.5, 0.5), _eval_prompts(store), 4, 1.0, eos, BeamSettings(2, 1, 2)
         )
         assert len(out) == 3 and all(1 <= len(tokens) <= 4 for tokens in out)
+
+
+def test_cuda_concurrent_mixed_batch_matches_cpu(tiny_store):
+    """The batched engine on CUDA: eight preferences and every mode in one batch give the
+    CPU's tokens (fp32), and bf16 runs the same batch."""
+    from tests.test_engine import ids_of, mixed_requests
+
+    cpu = load_store(tiny_store, "cpu", "float32")
+    gpu = load_store(tiny_store, "cuda", "float32")
+    expected = [ids_of(events) for events in Engine(cpu).run_all(mixed_requests(cpu))]
+    got = [ids_of(events) for events in Engine(gpu).run_all(mixed_requests(gpu))]
+    assert got == expected
+    bf16 = load_store(tiny_store, "cuda", "auto")
+    assert all(len(ids_of(events)) >= 1 for events in Engine(bf16).run_all(mixed_requests(bf16)))
