@@ -145,8 +145,9 @@ def _path(loc: Iterable[Any]) -> list[str]:
         parts = parts[1:]
     if parts[:1] and parts[0] in _BODY_TAGS:
         parts = parts[1:]
-    if parts[:2] == ["parameters", "preference"] and parts[2:3] and parts[2] in _PREFERENCE_TAGS:
-        del parts[2]
+    at = parts.index("preference") + 1 if "preference" in parts else 0
+    if at and parts[at : at + 1] and parts[at] in _PREFERENCE_TAGS:
+        del parts[at]
     return parts
 
 

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from guidance.requests import ErrorEvent, Event, GenerationRequest
+from model_store.loader import LoadedStore
 from server.errors import dumps, finite_json, openai_error
 from server.openai_choices import Choice, Reply
 from server.openai_schemas import (
@@ -41,13 +42,13 @@ RENAMED = {"`inputs`": "`prompt`", "`max_new_tokens`": "`max_tokens`"}
 """Field names in shared validation messages, as the OpenAI bodies call them."""
 
 
-def read_options(body: Any, headers: Any, chat: bool) -> Options:
+def read_options(body: Any, headers: Any, chat: bool, store: LoadedStore) -> Options:
     """Options of a schema-valid OpenAI body; temperature below 0.01 (0 included) is greedy."""
     greedy = body.temperature is not None and body.temperature < TEMPERATURE_MIN
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
     return Options(
-        steering=merged_steering(body, header_steering(headers)),
+        steering=merged_steering(body, header_steering(headers, store)),
         max_new_tokens=max_tokens,
         temperature=None if greedy else body.temperature,
         top_k=None if greedy else body.top_k,
@@ -111,7 +112,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
     async def answer(body: Any, http: Request, kind: str, prompts: list[Prompt]) -> Response:
         chat = kind == "chat"
-        options = read_options(body, http.headers, chat)
+        options = read_options(body, http.headers, chat, gateway.ready()[0])
         n = body.n or 1
         submitted = await start(prompts, options, n)
         echo = [p.text for p in prompts] if not chat and body.echo else None

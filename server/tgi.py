@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from guidance.requests import ErrorEvent, GenerationRequest, TokenEvent
+from model_store.loader import LoadedStore
 from server.errors import clean_message, dumps, error_response, finite_json
 from server.openapi import api_responses
 from server.relay import Gateway, Submitted, error_status
@@ -36,17 +37,17 @@ class EventStreamResponse(StreamingResponse):
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def read_body(body: Any, headers: Mapping[str, str]) -> tuple[Prompt, Options]:
+def read_body(body: Any, headers: Mapping[str, str], store: LoadedStore) -> tuple[Prompt, Options]:
     """Prompt and options of a schema-valid TGI body."""
     p = body.parameters
-    adapter = parse_steering(p.adapter_id, "adapter_id") if p.adapter_id else None
+    adapter = parse_steering(p.adapter_id, "adapter_id", store) if p.adapter_id else None
     messages = getattr(body, "messages", None)
     prompt = Prompt(
         text=getattr(body, "inputs", None),
         messages=[m.model_dump() for m in messages] if messages is not None else None,
     )
     options = Options(
-        steering=merged_steering(p, adapter, header_steering(headers)),
+        steering=merged_steering(p, adapter, header_steering(headers, store)),
         max_new_tokens=p.max_new_tokens,
         do_sample=p.do_sample,
         temperature=p.temperature,
@@ -115,7 +116,7 @@ def register(app: FastAPI, gateway: Gateway, body_type: Any) -> None:
     """Add the TGI routes for bodies of `body_type` (server.schemas.request_body_type)."""
 
     async def start(body: Any, http: Request) -> tuple[Submitted, Answer]:
-        prompt, options = read_body(body, http.headers)
+        prompt, options = read_body(body, http.headers, gateway.ready()[0])
         request = await gateway.prepare(prompt, options)
         (one,) = gateway.submit([request])
         prefix = ""

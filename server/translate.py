@@ -78,49 +78,42 @@ def available_modes(store: LoadedStore) -> list[str]:
     return modes
 
 
-def parse_steering(text: str, source: str) -> Steering:
-    """`adapter_id` / header text as steering fields: "0.3,0.7" (weights in objective order)
-    or "relevance=0.3,positivity=0.7,mode=explicit,gamma=2,merge_method=bone-soup"."""
-    entries = [entry.strip() for entry in text.split(",")]
-    named = [entry.partition("=") for entry in entries if "=" in entry]
-    weights = [entry for entry in entries if "=" not in entry]
-    if named and weights:
-        raise ApiError(
-            422, f"`{source}` mixes bare weights and name=value entries", "validation", None, source
-        )
-    fields: dict[str, Any] = {}
+def parse_steering(text: str, source: str, store: LoadedStore) -> Steering:
+    """`adapter_id` / header text as steering fields, checked against the store so that an
+    error names `source`: "0.3,0.7" (weights in objective order) or
+    "relevance=0.3,positivity=0.7", either with optional mode=, gamma=, merge_method=."""
+
+    def refuse(problem: str) -> ApiError:
+        return ApiError(422, f"`{source}` {problem}. Given: {text!r}", "validation", None, source)
+
+    entries = [entry.partition("=") for entry in text.split(",")]
+    fields = {key.strip(): value.strip() for key, sep, value in entries if sep}
+    weights = [key.strip() for key, sep, _ in entries if not sep]
+    named = {k: v for k, v in fields.items() if k not in STEERING_KEYS}
+    if weights and named:
+        raise refuse("mixes bare weights and objective=weight entries")
+    values: dict[str, Any] = {}
     try:
-        if weights:
-            fields["preference"] = [float(w) for w in weights]
-        by_name = {key.strip(): value.strip() for key, _, value in named}
-        objectives = {k: float(v) for k, v in by_name.items() if k not in STEERING_KEYS}
-        if objectives:
-            fields["preference"] = objectives
+        if weights or named:
+            values["preference"] = [float(w) for w in weights] or {
+                k: float(v) for k, v in named.items()
+            }
+        guidance = {k: fields[k] for k in ("mode", "gamma") if k in fields}
+        if "gamma" in guidance:
+            guidance["gamma"] = float(guidance["gamma"])
     except ValueError:
-        raise ApiError(
-            422, f"`{source}` weights must be numbers. Given: {text!r}", "validation", None, source
-        ) from None
-    guidance = {k: by_name[k] for k in ("mode", "gamma") if k in by_name}
-    if "gamma" in guidance:
-        guidance["gamma"] = _number(guidance["gamma"], source)
-    if guidance:
-        fields["guidance"] = guidance
-    if "merge_method" in by_name:
-        fields["merge_method"] = by_name["merge_method"]
+        raise refuse("weights and gamma must be numbers") from None
+    values |= {"guidance": guidance} if guidance else {}
+    values |= {"merge_method": fields["merge_method"]} if "merge_method" in fields else {}
     try:
-        return Steering.model_validate(fields)
+        steering = Steering.model_validate(values)
+        if steering.preference is not None:
+            normalise_preference(steering.preference, store.objectives)
     except ValidationError as exc:
-        message = describe_validation(exc.errors()).removeprefix("invalid request: ")
-        raise ApiError(422, f"`{source}`: {message}", "validation", None, source) from None
-
-
-def _number(text: str, source: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ApiError(
-            422, f"`{source}` gamma must be a number. Given: {text!r}", "validation", None, source
-        ) from None
+        raise refuse(describe_validation(exc.errors()).replace("invalid request: ", "")) from None
+    except PreferenceError as exc:
+        raise refuse(f"is not a valid preference: {exc}") from None
+    return steering
 
 
 def merged_steering(first: Steering, *fallbacks: Steering | None) -> Steering:
@@ -137,9 +130,9 @@ def merged_steering(first: Steering, *fallbacks: Steering | None) -> Steering:
     return Steering.model_validate(values)
 
 
-def header_steering(headers: Mapping[str, str]) -> Steering | None:
+def header_steering(headers: Mapping[str, str], store: LoadedStore) -> Steering | None:
     text = headers.get(PREFERENCE_HEADER)
-    return parse_steering(text, "X-Mage-Preference") if text else None
+    return parse_steering(text, "X-Mage-Preference", store) if text else None
 
 
 def tokenize_prompt(
