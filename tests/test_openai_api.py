@@ -16,14 +16,8 @@ EXPLICIT = {"guidance": {"mode": "explicit", "gamma": 2.0}}
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_store):
-    return load_store(tiny_store, "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def url(loaded):
-    with running_server(loaded, max_new_tokens=16) as url:
-        yield url
+def url(client_url):
+    return client_url
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +165,8 @@ def test_models_lists_the_store(client):
     assert model.id == "tiny" and model.owned_by == "mage"
 
 
-def test_api_keys_guard_the_v1_routes(loaded):
-    with running_server(loaded, api_key=["k1"]) as url:
+def test_api_keys_guard_the_v1_routes(tiny_store):
+    with running_server(load_store(tiny_store, "cpu", "float32"), api_key=["k1"]) as url:
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             chat(wrong)

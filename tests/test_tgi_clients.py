@@ -9,21 +9,12 @@ import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
 
-from model_store.loader import load_store
-from tests.http_server import running_server
-
 PROMPT = "How do I bake bread?"
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_store):
-    return load_store(tiny_store, "cpu", "float32")
-
-
-@pytest.fixture(scope="module")
-def url(loaded):
-    with running_server(loaded, max_new_tokens=16) as url:
-        yield url
+def url(client_url):
+    return client_url
 
 
 @pytest.fixture(scope="module")
