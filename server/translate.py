@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from guidance.requests import GenerationRequest, SamplingParams
@@ -156,7 +157,9 @@ def tokenize_prompt(
     return list(ids)
 
 
-def _chat_ids(messages: list[dict[str, str]], store: LoadedStore, settings: ServerSettings):
+def _chat_ids(
+    messages: list[dict[str, str]], store: LoadedStore, settings: ServerSettings
+) -> list[int]:
     # The schema bounds each message; their sum is bounded here, before the template and the
     # tokenizer see megabytes.
     max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
@@ -221,7 +224,9 @@ def build_request(
     )
 
 
-def _preference(given: Sequence[float] | Mapping[str, float] | None, objectives: list[str]):
+def _preference(
+    given: Sequence[float] | Mapping[str, float] | None, objectives: list[str]
+) -> torch.Tensor:
     try:
         return normalise_preference(
             given if given is not None else [1.0] * len(objectives), objectives

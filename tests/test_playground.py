@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from model_store.loader import load_store
+from tests.common import build_tiny_store
 from tests.http_server import running_server
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -106,3 +107,25 @@ def test_sliders_stream_lambda_and_compare_in_chromium(url, browser):
     assert all(texts) and texts[0] != texts[2]  # mu = (1, 0) vs (0, 1)
     metas = browser.find_elements(By.CSS_SELECTOR, ".column .meta")
     assert "λ = (1.75, -0.75)" in metas[0].text and "λ = (-0.75, 1.75)" in metas[2].text
+
+
+def test_three_objectives_get_three_sliders_that_stay_on_the_simplex(tmp_path, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root = build_tiny_store(tmp_path / "s3", objectives=("a", "b", "c"), value_kind=None)
+    with running_server(load_store(root, "cpu", "float32")) as url:
+        browser.get(f"{url}/")
+        WebDriverWait(browser, 60).until(
+            lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready")
+        )
+        labels = browser.find_elements(By.CSS_SELECTOR, "#pref-main label")
+        assert [label.text for label in labels] == ["a", "b", "c"]
+        mu = browser.find_element(By.CSS_SELECTOR, "#pref-main .mu")
+        assert mu.text == "μ = (0.33, 0.33, 0.33)"
+        browser.find_element(By.ID, "pref-main-slider-0").send_keys(Keys.END)
+        assert mu.text == "μ = (1.00, 0.00, 0.00)"  # the others gave way
+        browser.find_element(By.ID, "pref-main-slider-2").send_keys(Keys.RIGHT, Keys.RIGHT)
+        weights = [float(w) for w in mu.text.strip("μ =()").split(",")]
+        assert weights[2] == pytest.approx(0.1) and sum(weights) == pytest.approx(1.0)
