@@ -13,7 +13,6 @@ settings, and FastAPI must see them as objects.
 import asyncio
 import dataclasses
 import logging
-import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -38,8 +37,8 @@ from server.tgi import STREAM_HEADERS, EventStreamResponse
 from server.translate import Options, Prompt, header_steering, merged_steering
 
 log = logging.getLogger("mage.server")
-RENAMED = {"`inputs`": "`prompt`", "`max_new_tokens`": "`max_tokens`"}
-"""Field names in shared validation messages, as the OpenAI bodies call them."""
+MAX_TOKENS_NAMES = ("`max_new_tokens`", "`max_tokens`")
+"""The shared validation's name for max_tokens, and this API's."""
 
 
 def read_options(body: Any, headers: Any, chat: bool, store: LoadedStore) -> Options:
@@ -106,32 +105,31 @@ def register(app: FastAPI, gateway: Gateway) -> None:
             try:
                 request = await gateway.prepare(prompt, options)
             except ApiError as exc:
-                raise _renamed(exc, "`messages`" if prompt.messages else "`prompt`") from None
+                raise _renamed(exc, "messages" if prompt.messages else "prompt") from None
             requests += fan_out(request, n)
         return gateway.submit(requests)
 
     async def answer(body: Any, http: Request, kind: str, prompts: list[Prompt]) -> Response:
         chat = kind == "chat"
-        options = read_options(body, http.headers, chat, gateway.ready()[0])
+        store, _ = gateway.ready()
+        options = read_options(body, http.headers, chat, store)
         n = body.n or 1
         submitted = await start(prompts, options, n)
-        echo = [p.text for p in prompts] if not chat and body.echo else None
-        logprobs = bool(body.logprobs) if chat else body.logprobs is not None
-        tokenizer = gateway.ready()[0].tokenizer
+        echo = not chat and bool(body.echo)
         choices = [
             Choice(
-                i,
-                one,
-                options.stop,
-                chat,
-                echo[i // n] if echo else "",
-                logprobs,
-                i // n,
-                lambda token: tokenizer.decode([token]),
+                index=i,
+                submitted=one,
+                stops=options.stop,
+                chat=chat,
+                prefix=prompts[i // n].text if echo else "",
+                logprobs=bool(body.logprobs) if chat else body.logprobs is not None,
+                prompt_key=i // n,
+                token_text=lambda token: store.tokenizer.decode([token]),
             )
             for i, one in enumerate(submitted)
         ]
-        reply = Reply(kind, model_name(), body, choices)
+        reply = Reply(kind, store.checked.manifest.name, body, choices)
         if body.stream:
             return EventStreamResponse(_stream(gateway, reply, submitted), headers=STREAM_HEADERS)
         try:
@@ -173,10 +171,10 @@ def register(app: FastAPI, gateway: Gateway) -> None:
 
 def _renamed(exc: ApiError, prompt_name: str) -> ApiError:
     """The shared validation's message with this API's field names."""
-    message = exc.message.replace("`inputs`", prompt_name)
-    for old, new in RENAMED.items():
-        message = message.replace(old, new)
-    param = re.sub(r"^inputs$", prompt_name.strip("`"), exc.param or "") or None
+    message = exc.message.replace("`inputs`", f"`{prompt_name}`")
+    message = message.replace(*MAX_TOKENS_NAMES)
+    params = {"inputs": prompt_name, "max_new_tokens": "max_tokens"}
+    param = params.get(exc.param or "", exc.param)
     return ApiError(exc.status, message, exc.kind, exc.headers, param)
 
 

@@ -153,6 +153,8 @@ def tokenize_prompt(
             422,
             f"`inputs` must have at most {settings.max_input_tokens} tokens. Given: {len(ids)}",
             "validation",
+            None,
+            "inputs",
         )
     return list(ids)
 
@@ -208,6 +210,8 @@ def build_request(
             f"`inputs` tokens + `max_new_tokens` must be <= {context}. "
             f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`",
             "validation",
+            None,
+            "max_new_tokens",
         )
     return GenerationRequest(
         request_id=uuid.uuid4().hex,

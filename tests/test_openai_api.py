@@ -172,3 +172,17 @@ def test_api_keys_guard_the_v1_routes(tiny_store):
             chat(wrong)
         right = openai.OpenAI(base_url=f"{url}/v1", api_key="k1", max_retries=0)
         assert chat(right).choices[0].message.content
+
+
+def test_store_checks_use_this_apis_field_names(url, tiny_store):
+    with running_server(load_store(tiny_store, "cpu", "float32"), max_input_tokens=3) as small:
+        long = httpx.post(f"{small}/v1/completions", json={"prompt": "How do I bake bread?"})
+        assert long.status_code == 422
+        error = long.json()["error"]
+        assert error["param"] == "prompt" and error["message"].startswith("`prompt` must have")
+        chat = httpx.post(f"{small}/v1/chat/completions", json={"messages": CHAT})
+        assert chat.json()["error"]["param"] == "messages"
+    # the tiny model's context is 256 tokens
+    over = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi " * 250, "max_tokens": 16})
+    assert over.status_code == 422 and over.json()["error"]["param"] == "max_tokens"
+    assert "`prompt` tokens + `max_tokens` must be <= 256" in over.json()["error"]["message"]
