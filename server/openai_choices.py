@@ -69,8 +69,11 @@ class Choice:
     """A token's own text, for log-probability entries (a streamed token's text is only
     what it adds to the decoded output, empty while a character is incomplete)."""
     text: str = ""
+    """The text so far (echo included), stop sequences cut out."""
     entries: list[dict] = field(default_factory=list)
+    """Log-probability entries so far, OpenAI's chat shape."""
     details: dict[str, Any] | None = None
+    """The engine's details, once the last event came."""
 
     def __post_init__(self) -> None:
         self.filter = StopFilter(self.stops)
@@ -95,12 +98,13 @@ class Choice:
         if entry is not None:
             self.entries.append(entry)
         self.text += text
+        offset = len(self.text) - len(text)  # where this token's text starts, echo included
         if not self.opened:
             text, self.opened = self.prefix + text, True
         finish = finish_reason(self.details) if event.details is not None else None
         if not text and entry is None and finish is None:
             return None
-        return self._piece(text, [entry] if entry else [], finish)
+        return self._piece(text, [entry] if entry else [], finish, offset)
 
     def opening(self) -> dict:
         """A chat stream's first piece: the role."""
@@ -140,7 +144,7 @@ class Choice:
             "merge_cache_hit": details.get("merge_cache_hit"),
         }
 
-    def _piece(self, text: str, entries: list[dict], finish: str | None) -> dict:
+    def _piece(self, text: str, entries: list[dict], finish: str | None, offset: int) -> dict:
         if self.chat:
             return {
                 "index": self.index,
@@ -148,7 +152,6 @@ class Choice:
                 "logprobs": {"content": entries} if entries else None,
                 "finish_reason": finish,
             }
-        offset = len(self.text) - len(text)
         logprobs = _completion_logprobs(entries, offset) if entries else None
         return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 

@@ -112,6 +112,12 @@ def test_logprobs_and_top_logprobs(client):
     logprobs = text.choices[0].logprobs
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == 4
     assert all(len(alternatives) <= 2 for alternatives in logprobs.top_logprobs)
+    for stream in (False, True):  # offsets count the echoed prompt
+        echoed = client.completions.create(
+            model="t", prompt="Hi", max_tokens=3, logprobs=1, echo=True, stream=stream
+        )
+        first = next(iter(echoed)) if stream else echoed
+        assert first.choices[0].logprobs.text_offset[0] == len("Hi")
     assert chat(client).choices[0].logprobs is None
 
 
