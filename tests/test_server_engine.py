@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 
 import httpx
@@ -47,14 +48,22 @@ def test_a_dead_engine_fails_probes_and_queued_requests(loaded):
 
 
 def test_burst_at_four_times_capacity_gets_only_429s_beyond_it(loaded):
-    with running_server(loaded, max_queue=4, max_running=2) as url:
+    with serving(loaded, max_queue=4, max_running=2) as (url, state):
+        # Hold the engine until the burst is in: a fast engine would otherwise finish early
+        # requests before the last ones arrive, and admit more than its capacity in all.
+        release = threading.Event()
+        step = state.engine.step
+        state.engine.step = lambda: release.wait(30) and step()
         with concurrent.futures.ThreadPoolExecutor(24) as pool:
-            answers = list(
-                pool.map(
-                    lambda _: httpx.post(f"{url}/generate", json=body(16), timeout=60),
-                    range(24),
-                )
-            )
+            futures = [
+                pool.submit(httpx.post, f"{url}/generate", json=body(16), timeout=60)
+                for _ in range(24)
+            ]
+            deadline = time.monotonic() + 30
+            while sum(f.done() for f in futures) < 18 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release.set()
+            answers = [f.result() for f in futures]
         assert sorted(a.status_code for a in answers) == [200] * 6 + [429] * 18
         refused = [a for a in answers if a.status_code == 429]
         assert all(a.headers["retry-after"] == "1" for a in refused)
