@@ -286,7 +286,7 @@ class Batch:
         row, or MOD's sum_i mu_i log pi_i renormalised."""
         embedding = self.store.model.get_output_embeddings()
         total = None
-        for row, weight in zip(plan.policy_rows, plan.policy_mix.tolist(), strict=True):
+        for row, weight in zip(plan.policy_rows, plan.policy_mix, strict=True):
             logits = functional.linear(hidden[row], embedding.weight)
             if embedding.bias is not None:
                 logits = logits + embedding.bias
@@ -305,7 +305,7 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
     lane_rows: dict[int, list[tuple[int, int]]] = {}
     lm_rows: list[int] = []
     value_rows: list[int] = []
-    value_weights: list[torch.Tensor] = []
+    value_weights: list[tuple[float, ...]] = []
     standalone: list[tuple[int, int, torch.Tensor]] = []
     outputs_of: list[list[tuple[str, int]]] = []  # per member: (kind, position) per output
     first = 0
@@ -320,7 +320,7 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
             if source.model is not None:
                 rows = lane_rows.setdefault(id(source.model), [])
                 own.append(("standalone", len(standalone)))
-                weights = source.weights[None].to(store.device, store.dtype)
+                weights = torch.tensor([source.weights], device=store.device, dtype=store.dtype)
                 standalone.append((id(source.model), len(rows), weights))
                 rows.append((m, k))
             else:
@@ -349,11 +349,9 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
         active=active,
         lm_rows=torch.tensor(lm_rows, dtype=torch.long, device=device),
         value_rows=torch.tensor(value_rows, dtype=torch.long, device=device),
-        value_weights=(
-            torch.stack(value_weights).to(device, store.dtype)
-            if value_weights
-            else torch.zeros((0, store.n_objectives), device=device, dtype=store.dtype)
-        ),
+        value_weights=torch.tensor(
+            value_weights or [[0.0] * store.n_objectives], device=device, dtype=store.dtype
+        )[: len(value_weights)],
         standalone=standalone,
         term_index=index.to(device),
         policy_weight=policy.to(device),
