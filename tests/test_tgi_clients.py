@@ -5,6 +5,7 @@ Client; the preference through adapter_id, a header or extra_body; every TGI par
 from __future__ import annotations
 
 import httpx
+import huggingface_hub.constants
 import pytest
 from huggingface_hub import InferenceClient
 from huggingface_hub.errors import ValidationError as HubValidationError
@@ -19,7 +20,12 @@ def url(client_url):
 
 @pytest.fixture(scope="module")
 def hub(url):
-    return InferenceClient(model=url)
+    """The client as a user of a local server runs it. huggingface_hub 1.x+ refuses every
+    request, even to 127.0.0.1, when HF_HUB_OFFLINE is set (as `make test` sets it so that
+    nothing is downloaded); the flag is about the Hub, so it is lifted for this client only."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield InferenceClient(model=url)
 
 
 def generate(url: str, **parameters) -> dict:
