@@ -4,9 +4,11 @@ Starts `mage serve` (or targets --url) and sends --requests requests from --conc
 clients: random preferences, every guidance mode the store offers, greedy and sampled
 (random temperature / top-k / top-p / seed), streamed and not; about --cancel-share of
 them are streams the client drops after 1-3 events. It samples the server's resident
-memory every 100 requests and the merge cache's bytes, then prints a table and one JSON
-line: RSS drift from request 200 to the last, the merge cache's peak against its budget,
-and every outcome (anything but success or a client-side cancel counts as an error).
+memory every 100 requests under load, and with the server drained after request 200 and
+after the last; it prints a table and one JSON line: the idle RSS drift from request 200 to
+the last (what the server keeps, not what its current batch holds), the merge cache's peak
+against its budget, and every outcome (anything but success or a client-side cancel counts
+as an error).
 
 Usage: python benchmarks/soak.py [--store demo/store] [--requests 2000] [--concurrency 8]
 """
@@ -78,16 +80,17 @@ async def soak(url: str, server: ServerProcess | None, args) -> dict:
     modes, objectives = info["guidance_modes"], len(info["objectives"])
     texts, rng = prompts(), random.Random(args.seed)
     outcomes: Counter[str] = Counter()
-    rss: dict[int, float] = {}
+    rss: dict[int, float] = {}  # under load, every 100 requests
+    idle_rss: dict[int, float] = {}  # with every request done: what the server retains
     cache_peak = 0.0
-    sent = 0
+    sent, phase_end = 0, 0
     lock = asyncio.Lock()
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal sent, cache_peak
         while True:
             async with lock:
-                if sent >= args.requests:
+                if sent >= phase_end:
                     return
                 sent += 1
                 number = sent
@@ -104,19 +107,23 @@ async def soak(url: str, server: ServerProcess | None, args) -> dict:
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
+        # Two phases, each drained before the server's memory is read: request 200 (warm,
+        # every mode seen) and the last. Drift between them is what the server keeps.
+        for phase_end in (min(200, args.requests), args.requests):
+            await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
+            await asyncio.sleep(1.0)  # let the engine notice the last cancels and go idle
+            if server is not None:
+                idle_rss[phase_end] = server.memory_mib()
     seconds = time.perf_counter() - started
-    await asyncio.sleep(1.0)  # let the engine notice the last cancels
-    if server is not None:
-        rss[args.requests] = server.memory_mib()
-    first = min((n for n in rss if n >= 200), default=None)
+    first, last = min(idle_rss, default=None), max(idle_rss, default=None)
     return {
         "requests": args.requests,
         "seconds": round(seconds, 1),
         "outcomes": dict(outcomes),
         "errors": sum(n for k, n in outcomes.items() if k not in ("success", "cancelled")),
-        "rss_mib": {str(k): round(v, 1) for k, v in sorted(rss.items())},
-        "rss_drift_200_to_end": (rss[args.requests] / rss[first] - 1) if first else None,
+        "rss_mib_under_load": {str(k): round(v, 1) for k, v in sorted(rss.items())},
+        "rss_mib_idle": {str(k): round(v, 1) for k, v in sorted(idle_rss.items())},
+        "rss_drift_200_to_end": (idle_rss[last] / idle_rss[first] - 1) if first else None,
         "merge_cache_peak_bytes": cache_peak,
         "merge_cache_budget_bytes": info["limits"]["merge_cache_mb"] * 2**20,
         "running_after": metric(url, "mage_running_requests"),
@@ -156,10 +163,12 @@ def main() -> None:
     print(f"{'seconds':<28}{result['seconds']}")
     for outcome, count in sorted(result["outcomes"].items()):
         print(f"{'outcome ' + outcome:<28}{count}")
-    for number, mib in result["rss_mib"].items():
-        print(f"{'RSS MiB after ' + number:<28}{mib}")
+    for number, mib in result["rss_mib_under_load"].items():
+        print(f"{'RSS MiB at ' + number + ' (load)':<28}{mib}")
+    for number, mib in result["rss_mib_idle"].items():
+        print(f"{'RSS MiB after ' + number + ' (idle)':<28}{mib}")
     drift = result["rss_drift_200_to_end"]
-    print(f"{'RSS drift 200 -> end':<28}{'n/a' if drift is None else f'{100 * drift:+.2f}%'}")
+    print(f"{'idle RSS drift 200 -> end':<28}{'n/a' if drift is None else f'{100 * drift:+.2f}%'}")
     peak, budget = result["merge_cache_peak_bytes"], result["merge_cache_budget_bytes"]
     print(f"{'merge cache peak / budget':<28}{peak / 2**20:.2f} / {budget / 2**20:.0f} MiB")
     print(json.dumps({"benchmark": "soak", **result}))

@@ -14,6 +14,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -46,6 +47,21 @@ def engine_run(store: LoadedStore, ids: list[int], mode: str, tokens: int) -> tu
     start = time.perf_counter()
     Engine(store).run_to_completion(request, lambda e: stamps.append(time.perf_counter()))
     return stamps[0] - start, (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+def plan_build_ms(store: LoadedStore, mode: str, count: int = 300) -> tuple[float, float]:
+    """(p50, p99) milliseconds to build the plan of a never-seen preference in `mode`: the
+    per-preference work before a request's first forward (Eq. 13 coefficients, Eq. 24 mix)."""
+    generator = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(count):
+        mu = torch.rand(store.n_objectives, generator=generator, dtype=torch.float64)
+        mu = mu / mu.sum()
+        start = time.perf_counter()
+        build_plan(store, mode, mu, "bone-soup")
+        times.append((time.perf_counter() - start) * 1e3)
+    p50, p99 = np.percentile(times, [50, 99])
+    return float(p50), float(p99)
 
 
 def generate_run(model, ids: list[int], tokens: int) -> tuple[float, float]:
@@ -85,7 +101,7 @@ def main() -> None:
     rows = {"transformers generate (bare base)": None, "engine: bare base": "base"}
     rows |= {f"engine: {mode}": mode for mode in args.modes.split(",")}
     results = {}
-    print(f"{'decoder':<36}{'rows':>5}{'TTFT s':>9}{'decode tok/s':>14}")
+    print(f"{'decoder':<36}{'rows':>5}{'TTFT s':>9}{'decode tok/s':>14}{'plan ms p50/p99':>18}")
     for label, mode in rows.items():
         # Interleaved repeats, best of each: the machine's noise only ever slows a run.
         runs = [
@@ -96,12 +112,15 @@ def main() -> None:
         ]
         ttft, decode = min(r[0] for r in runs), max(r[1] for r in runs)
         width = 1 if mode in (None, "base") else build_plan(store, mode, mu, "bone-soup").rows
+        plan_ms = plan_build_ms(store, mode) if mode not in (None, "base") else None
         results[label] = {
             "rows": width,
             "ttft_s": round(ttft, 4),
             "decode_tokens_per_s": round(decode, 2),
+            "plan_ms_p50_p99": plan_ms and [round(plan_ms[0], 4), round(plan_ms[1], 4)],
         }
-        print(f"{label:<36}{width:>5}{ttft:>9.3f}{decode:>14.2f}")
+        shown = f"{plan_ms[0]:.3f}/{plan_ms[1]:.3f}" if plan_ms else "-"
+        print(f"{label:<36}{width:>5}{ttft:>9.3f}{decode:>14.2f}{shown:>18}")
     print(
         json.dumps(
             {

@@ -27,6 +27,7 @@ import torch
 
 from guidance.batch import Batch
 from guidance.detokenize import IncrementalDetokenizer
+from guidance.kv import return_free_memory
 from guidance.plan import DecodePlan, build_plan, round_preference
 from guidance.requests import (
     ErrorEvent,
@@ -44,6 +45,8 @@ from model_store.loader import LoadedStore
 log = logging.getLogger("mage.engine")
 SWITCH_INTERVAL_S = 0.0005
 """GIL switch interval while an engine thread runs (see Engine.start)."""
+TRIM_EVERY_S = 5.0
+"""Under unbroken load, free host memory goes back to the OS at most this often (~1 ms)."""
 
 
 class QueueFullError(Exception):
@@ -109,6 +112,8 @@ class Engine:
         self._held: Sequence | None = None  # head of the queue, prepared, waiting for room
         self._retry: deque[Sequence] = deque()  # prefilled alone after a shared prefill failed
         self._accepted = 0  # waiting + held + running
+        self._stepped = False  # a step ran since memory was last returned
+        self._trimmed_at = time.monotonic()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -194,11 +199,18 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
-            if not self._busy():
+            self.heartbeat = now = time.monotonic()
+            busy = self._busy()
+            # Freed KV buffers go back to the OS when the batch drains, and every few seconds
+            # under unbroken load (see return_free_memory: otherwise RSS ratchets up).
+            if self._stepped and (not busy or now - self._trimmed_at > TRIM_EVERY_S):
+                self._stepped, self._trimmed_at = False, now
+                return_free_memory()
+            if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
                 continue
+            self._stepped = True
             try:
                 self.step()
             except Exception as exc:  # a bug outside the per-request guards: fail, carry on

@@ -10,6 +10,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import threading
 import time
@@ -61,6 +62,10 @@ class ServingState:
         self.store = store
         self.engine = Engine(store, engine_config(self.settings, store), self.metrics)
         self.metrics.watch(self.engine)
+        # The store's objects live as long as the process: move them out of the collector's
+        # reach, so a gen-2 collection (a pause of milliseconds) does not land inside a
+        # step or a plan build (vLLM and SGLang freeze after start-up for the same reason).
+        gc.freeze()
         self.engine.start()
         self.metrics.ready.set(1)
 

@@ -362,3 +362,27 @@ def test_an_eos_token_ends_generation_unless_ignored(store):
     assert event.id == first and event.details["finish_reason"] == "eos_token"
     ignoring = engine.run_to_completion(dataclasses.replace(free, ignore_eos=True))
     assert len(ignoring) == 6 and ignoring[-1].details["finish_reason"] == "length"
+
+
+def test_freed_memory_goes_back_to_the_os_when_the_batch_drains(store, monkeypatch):
+    """The engine returns freed KV buffers (malloc_trim) once the batch drains, not on every
+    idle poll: without it, the server's RSS ratchets up with the largest batch it has seen."""
+    import guidance.engine as engine_module
+
+    calls = []
+    monkeypatch.setattr(engine_module, "return_free_memory", lambda: calls.append(1))
+    engine = Engine(store)
+    engine.start()
+    try:
+        done = threading.Event()
+
+        def on_event(event):
+            if isinstance(event, ErrorEvent) or event.generated_text is not None:
+                done.set()
+
+        engine.submit(RequestHandle(request(store, "Hi"), on_event, time.monotonic()))
+        assert done.wait(30)
+        time.sleep(0.3)  # several idle polls
+        assert len(calls) == 1
+    finally:
+        engine.stop()
