@@ -150,9 +150,9 @@ def _build_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from training.common import TrainingError
-    from training.demo import DemoSettings, build_demo, quick
+    from training.demo import DEMO3, DemoSettings, build_demo, quick
 
-    settings = DemoSettings()
+    settings = DEMO3 if args.preset == "three" else DemoSettings()
     if args.backbone_steps:
         settings = replace(settings, backbone_steps=args.backbone_steps)
     settings = quick(settings) if args.quick else settings
@@ -302,10 +302,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     demo.add_argument(
+        "--preset",
+        choices=("two", "three"),
+        default="two",
+        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3)",
+    )
+    demo.add_argument(
         "--backbone-steps",
         type=int,
         default=None,
-        help="GRPO steps per backbone (default 56; more steps resume training)",
+        help="GRPO steps per backbone (default 120; more steps resume training)",
     )
     demo.set_defaults(func=_build_demo)
     ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")

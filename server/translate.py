@@ -80,7 +80,8 @@ def build_request(body: Any, store: LoadedStore, settings: ServerSettings) -> Ge
             f"available: {available_modes(store)}",
             "validation",
         )
-    gamma = p.guidance.gamma if p.guidance and p.guidance.gamma is not None else defaults.gamma
+    named = p.guidance.gamma if p.guidance else None
+    gamma = named if named is not None else defaults.gamma_for(mode)  # tuned per mode
     ids = tokenize_prompt(body, store, settings)
     max_new = p.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
     context = getattr(store.model.config, "max_position_embeddings", None)
