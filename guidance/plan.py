@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from merging.coefficients import solve_lambda
 from merging.registry import get_merge_method
 from model_store.loader import LoadedStore
 
@@ -73,7 +74,7 @@ class DecodePlan:
     """Explicit value sources: one merged source, or n ensemble sources."""
     mix: torch.Tensor
     """(len(pistar_rows) or len(values),) float64 weights of the guidance terms: [1] when
-    merged, mu for the ensembles (MAGE-E / MAGE-I)."""
+    merged, mu for MAGE-E, lambda = B^-1 mu for MAGE-I (see `build_plan`)."""
     terms: tuple[ScoreTerm, ...] = ()
     """Eq. (25) as a weighted sum of this plan's outputs (see `score_terms`)."""
     active_slots: tuple[int, ...] = ()
@@ -196,12 +197,18 @@ def build_plan(
     *,
     policy: str = "merged",
     pistar_merge: str | None = None,
+    implicit_mix: str = "lambda",
 ) -> DecodePlan:
     """Rows for (mode, mu, merge method). `policy="logit-ensemble"` is MOD (Shi et al. 2024):
     each of the method's adapters alone as a row, next token from sum_i mu_i log pi_i.
     `policy="base"` decodes with the SFT model itself (Observation 3's fixed LM_phi0).
     `pistar_merge` merges the implicit pi* with another method than the policy (Table 3's
-    MAGE-I-M' uses "direct": lambda = mu)."""
+    MAGE-I-M' uses "direct": lambda = mu).
+
+    MAGE-I (`implicit-ensemble`) weighs backbone i's implicit value log pi*_i/pi_ref by
+    lambda_i, lambda = B^-1 mu: backbone i was trained on h_i = w_i^T r (Eq. 11), so
+    sum_i lambda_i h_i = (B lambda)^T r = mu^T r (Eq. 12), the reward the user asked for.
+    `implicit_mix="mu"` keeps the earlier weighting by mu ((B mu)^T r), as an ablation."""
     if policy not in ("merged", "logit-ensemble", "base"):
         raise ValueError(f"unknown policy {policy!r}: 'merged', 'logit-ensemble' or 'base'")
     if policy == "logit-ensemble" and mode != "none":
@@ -241,7 +248,9 @@ def build_plan(
             for i in range(n):  # MAGE-I: each backbone alone as pi*_i (Eq. 23)
                 rows.append(row(torch.eye(n, dtype=torch.float64)[i], store.backbone_slots))
             pistar_rows = tuple(range(len(rows) - n, len(rows)))
-            mix = mu.clone()
+            if implicit_mix not in ("lambda", "mu"):
+                raise ValueError(f"implicit_mix must be 'lambda' or 'mu', got {implicit_mix!r}")
+            mix = solve_lambda(matrix, mu) if implicit_mix == "lambda" else mu.clone()
     elif mode.startswith("explicit"):
         if store.value_kind is None:
             raise ValueError("this store has no explicit value models")
