@@ -109,9 +109,10 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _value(args: argparse.Namespace) -> int:
+def _value_config(args: argparse.Namespace):
+    """The ValueTrainConfig of `mage train value` (and `value-curve`) options."""
     from training.sampling import SamplingSettings
-    from training.value import ValueTrainConfig, train_value_model
+    from training.value import ValueTrainConfig
 
     if args.epochs < 1 or args.batch_size < 1 or args.samples_per_prompt < 1:
         raise TrainingError("--epochs, --batch-size and --samples-per-prompt must be >= 1")
@@ -142,7 +143,13 @@ def _value(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    result = train_value_model(config)
+    return config
+
+
+def _value(args: argparse.Namespace) -> int:
+    from training.value import train_value_model
+
+    result = train_value_model(_value_config(args))
     m = result.metrics
     print(
         f"value model for {args.objective!r}: train MSE {m['initial_train_mse']:.4f} -> "
@@ -151,6 +158,16 @@ def _value(args: argparse.Namespace) -> int:
     if m["validation"]:
         print("validation: " + json.dumps(m["validation"]))
     print(f"adapter: {result.adapter_dir}\nhead: {result.head_path}")
+    return 0
+
+
+def _value_curve(args: argparse.Namespace) -> int:
+    from training.value_curve import learning_curve
+
+    sizes = [int(v) for v in parse_floats(args.sizes, "--sizes")]
+    for row in learning_curve(_value_config(args), args.samples, sizes):
+        print(json.dumps(row))
+    print(f"curve: {args.out / 'curve.json'}")
     return 0
 
 
@@ -212,6 +229,24 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     many.set_defaults(func=lambda a: _run("backbones", _backbones, a))
 
     value = sub.add_parser("value", help="explicit value model for one objective (Eq. 16)")
+    _value_options(value)
+    value.set_defaults(func=lambda a: _run("value", _value, a))
+    curve = sub.add_parser(
+        "value-curve", help="validation ranking accuracy against the number of training samples"
+    )
+    _value_options(curve)
+    curve.add_argument(
+        "--samples",
+        type=Path,
+        required=True,
+        help="folder with the samples-train/val.jsonl of a finished value run (reused)",
+    )
+    curve.add_argument("--sizes", required=True, help="training prompts per point, e.g. 27,54,109")
+    curve.set_defaults(func=lambda a: _run("value-curve", _value_curve, a))
+    return train
+
+
+def _value_options(value: argparse.ArgumentParser) -> None:
     _common(value, 1e-4)
     value.add_argument("--objective", required=True, help="reward spec whose return V predicts")
     value.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
@@ -228,5 +263,3 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
         default=None,
         help="store (or manifest) whose reward_scale V regresses on (default: raw reward)",
     )
-    value.set_defaults(func=lambda a: _run("value", _value, a))
-    return train
