@@ -246,10 +246,10 @@ def _tune(args: argparse.Namespace) -> int:
             args.batch_size,
         )
         if args.tune_command == "alpha":
-            result = tune_alpha(cfg, grid, write=args.write)
+            result = tune_alpha(cfg, grid, write=args.write, work=args.work)
         elif args.tune_command == "gamma":
             methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-            result = tune_gamma(cfg, methods, grid, write=args.write)
+            result = tune_gamma(cfg, methods, grid, write=args.write, work=args.work)
         else:
             if not rewards:
                 raise ValueError("--rewards is required for beta tuning")
@@ -269,6 +269,8 @@ def _tune(args: argparse.Namespace) -> int:
     except (StoreError, RewardError, TrainingError, ValueError) as exc:
         print(f"mage tune {args.tune_command}: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "work", None):
+        (args.work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))  # one line, last: training logs may precede it
     return 0
 
@@ -388,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("alpha", "gamma"):
             cmd.add_argument("--store", type=Path, required=True)
             cmd.add_argument("--write", action="store_true", help=f"write the chosen {name}")
+            cmd.add_argument(
+                "--work", type=Path, default=None, help="keep the responses here (resumable)"
+            )
         if name == "gamma":
             cmd.add_argument(
                 "--methods",

@@ -37,18 +37,56 @@ TUNED_MODES |= {"mage-i-m": "implicit", "mage-i": "implicit-ensemble"}
 ablations and diagnostics, which run at their mode's gamma)."""
 
 
+class ResponseCache:
+    """Responses already generated, one JSON line each, so an interrupted tuning run resumes
+    (`--work`); without a folder it only lives in memory."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.path = None if folder is None else Path(folder) / "generations.jsonl"
+        self.done: dict[str, str] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                row = json.loads(line)
+                self.done[row["key"]] = row["response"]
+
+    @staticmethod
+    def key(store: LoadedStore, method: str, gamma: float, mu, prompt_id: str, tokens: int) -> str:
+        alpha = store.checked.manifest.alpha
+        return json.dumps([method, round(gamma, 6), round(alpha, 6), list(mu), prompt_id, tokens])
+
+    def add(self, rows: dict[str, str]) -> None:
+        self.done.update(rows)
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as handle:
+                for key, response in rows.items():
+                    handle.write(json.dumps({"key": key, "response": response}) + "\n")
+
+
 def front_per_prompt(
-    store: LoadedStore, method: str, gamma: float, cfg: EvalConfig, specs: list[str]
+    store: LoadedStore,
+    method: str,
+    gamma: float,
+    cfg: EvalConfig,
+    specs: list[str],
+    cache: ResponseCache | None = None,
 ) -> np.ndarray:
     """(preferences N, prompts P, objectives n) rewards of `method` on the store's scale."""
+    cache = cache or ResponseCache(None)
     prompts = load_prompts(cfg.split)[: cfg.limit]
     ids = [encode_prompt(store.tokenizer, p["prompt"]) for p in prompts]
     texts = [p["prompt"] for p in prompts]
     scale = RewardScale.from_manifest(store.checked.manifest) or RewardScale.identity(len(specs))
     rows = []
     for mu in cfg.preferences:
-        found = generate_texts(store, method, mu, ids, cfg, store.eos_ids, gamma)
-        responses = [text for text, _ in found]
+        keys = [cache.key(store, method, gamma, mu, p["id"], cfg.max_new_tokens) for p in prompts]
+        todo = [i for i, key in enumerate(keys) if key not in cache.done]
+        if todo:
+            found = generate_texts(
+                store, method, mu, [ids[i] for i in todo], cfg, store.eos_ids, gamma
+            )
+            cache.add({keys[i]: text for i, (text, _) in zip(todo, found, strict=True)})
+        responses = [cache.done[key] for key in keys]
         raw = np.array([get_reward(s)(texts, responses) for s in specs]).T  # (P, n)
         rows.append(scale.apply_rows(raw))
     return np.stack(rows)
@@ -95,12 +133,16 @@ def _write(store_dir: Path, update) -> None:
     write_manifest(Path(store_dir), data)
 
 
-def tune_alpha(cfg: EvalConfig, alphas: list[float], write: bool = False) -> dict:
-    """The Bone Soup front for each alpha on one loaded store (no re-loading)."""
+def tune_alpha(
+    cfg: EvalConfig, alphas: list[float], write: bool = False, work: Path | None = None
+) -> dict:
+    """The Bone Soup front for each alpha on one loaded store (no re-loading); `work` keeps
+    the responses, so a re-run resumes."""
     store = load_store(cfg.store)
     specs = list(cfg.rewards or store.objectives)
+    cache = ResponseCache(work)
     fronts = {
-        str(alpha): front_per_prompt(with_alpha(store, alpha), "bone-soup", 1.0, cfg, specs)
+        str(alpha): front_per_prompt(with_alpha(store, alpha), "bone-soup", 1.0, cfg, specs, cache)
         for alpha in alphas
     }
     reference, source = _reference(store, fronts)
@@ -116,7 +158,11 @@ def tune_alpha(cfg: EvalConfig, alphas: list[float], write: bool = False) -> dic
 
 
 def tune_gamma(
-    cfg: EvalConfig, methods: list[str], gammas: list[float], write: bool = False
+    cfg: EvalConfig,
+    methods: list[str],
+    gammas: list[float],
+    write: bool = False,
+    work: Path | None = None,
 ) -> dict:
     """Per method, its front at each gamma; the chosen gamma per method, written (with
     `write`) as the store's default for the method's guidance mode (defaults.gamma_by_mode)."""
@@ -125,9 +171,10 @@ def tune_gamma(
         raise ValueError(f"gamma tuning needs guided methods; not guided or unknown: {unknown}")
     store = load_store(cfg.store)
     specs = list(cfg.rewards or store.objectives)
+    cache = ResponseCache(work)
     out: dict = {}
     for method in methods:
-        fronts = {str(g): front_per_prompt(store, method, g, cfg, specs) for g in gammas}
+        fronts = {str(g): front_per_prompt(store, method, g, cfg, specs, cache) for g in gammas}
         reference, source = _reference(store, fronts)
         result = choose_by_hypervolume(fronts, cfg.preferences, reference)
         out[method] = {

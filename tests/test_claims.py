@@ -154,7 +154,7 @@ def test_eval_needs_a_fixed_reference(tiny_store, tmp_path, capsys):
     assert "--hv-reference" in capsys.readouterr().err
 
 
-def test_tune_gamma_writes_each_modes_choice(store_copy, capsys):
+def test_tune_gamma_writes_each_modes_choice(store_copy, tmp_path, capsys):
     scaled_store(store_copy)
     args = [
         "tune",
@@ -165,9 +165,15 @@ def test_tune_gamma_writes_each_modes_choice(store_copy, capsys):
         "mage-e-m,mage-i,lmc-implicit",
     ]
     args += ["--grid", "0.1,5", "--preferences", "1,0;0,1", "--limit", "2"]
-    args += ["--max-new-tokens", "3", "--rewards", REWARDS, "--write"]
+    args += ["--max-new-tokens", "3", "--rewards", REWARDS, "--write", "--work", str(tmp_path)]
     assert mage(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = (tmp_path / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * 2 * 2  # methods x gammas x preferences x prompts
+    assert mage(args) == 0  # resumed: every response from the cache
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == len(lines)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert json.loads((tmp_path / "result.json").read_text()) == result
     for method in ("mage-e-m", "mage-i"):
         volumes = result[method]["hypervolume"]
         assert result[method]["chosen_gamma"] == float(max(volumes, key=volumes.get))
