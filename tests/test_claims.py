@@ -217,3 +217,37 @@ def test_server_takes_the_tuned_gamma_of_the_requested_mode(store_copy):
     assert gamma({"mode": "implicit"}) == 3.0
     assert gamma({"mode": "implicit", "gamma": 0.2}) == 0.2  # a named gamma wins
     assert gamma({"mode": "explicit"}) == 1.0  # untuned mode: defaults.gamma
+
+
+def space_share(prompts: list[str], responses: list[str]) -> list[float]:
+    return [r.count(" ") / max(len(r), 1) for r in responses]
+
+
+def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
+    """n = 3: the circulant B of Eq. (12), lambda = B^-1 mu, the simplex grid as default sweep,
+    pairwise projections in fronts.png."""
+    from tests.common import build_tiny_store
+
+    root = build_tiny_store(tmp_path / "s3", objectives=("a", "b", "c"), beta=0.6, alpha=0.2)
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    data["reward_scale"] = {"center": [10, 0.3, 0.1], "scale": [5, 0.1, 0.1]}
+    data["reward_scale"] |= {"hv_reference": [-3, -3, -3], "samples": 8}
+    write_manifest(root, data)
+    args = ["eval", "--store", str(root), "--out", str(tmp_path / "ev"), "--simplex-steps", "2"]
+    args += ["--methods", "bone-soup,mage-i", "--split", "validation", "--limit", "2"]
+    args += ["--rewards", REWARDS + ",tests.test_claims:space_share", "--max-new-tokens", "3"]
+    assert mage(args) == 0
+    results = json.loads((tmp_path / "ev/results.json").read_text())
+    assert len(results["preferences"]) == 6 and all(len(p) == 3 for p in results["preferences"])
+    assert np.array(results["per_prompt_raw_rewards"]["mage-i"]).shape == (6, 2, 3)
+    loaded = load_store(root, "cpu", "float32")
+    matrix = loaded.checked.combination_matrix
+    assert torch.allclose(
+        matrix,
+        torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]], dtype=torch.float64),
+    )
+    mu = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    plan = build_plan(loaded, "implicit-ensemble", mu, "bone-soup")
+    assert torch.allclose(matrix @ plan.mix, mu)  # lambda = B^-1 mu
+    png = (tmp_path / "ev/fronts.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
