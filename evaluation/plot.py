@@ -63,3 +63,43 @@ def plot_fronts(results: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_training_curves(report: dict, path: Path) -> Path:
+    """Training curves of a demo build (build_report.json): each backbone's and specialist's
+    mean r~ per objective on its sampled completions, in blocks of steps, one panel per
+    adapter, the KL to the base on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    adapters = [*report.get("backbones", []), *report.get("specialists", [])]
+    objectives = report["settings"]["objectives"]
+    fig, axes = plt.subplots(
+        1, len(adapters), figsize=(4 * len(adapters), 3.6), dpi=110, squeeze=False
+    )
+    for ax, adapter in zip(axes[0], adapters, strict=True):
+        curve = adapter.get("curve", [])
+        steps = [block["steps"][1] for block in curve]
+        for objective in objectives:
+            ax.plot(steps, [block[objective] for block in curve], marker=".", label=objective)
+        kl = ax.twinx()
+        kl.plot(steps, [block["kl"] for block in curve], color="grey", linestyle=":", label="KL")
+        kl.set_ylabel("KL", color="grey", fontsize=7)
+        ax.set_title(f"{adapter['name']} w={adapter['weights']}", fontsize=8)
+        ax.set_xlabel("GRPO step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mean r~ of sampled completions")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":  # python -m evaluation.plot BUILD_REPORT.json OUT.png
+    import json
+    import sys
+
+    plot_training_curves(json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]))

@@ -224,5 +224,9 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
     }
     assert report["backbones"][0]["curve"][0]["steps"] == [1, 1]
     assert len(report["conflict"]["pearson"]) == n * (n - 1) // 2
+    from evaluation.plot import plot_training_curves
+
+    png = plot_training_curves(report, tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
     build_demo(store, work, settings, log=lambda _: None, base=base, base_spec={"path": str(base)})
     assert check_store(store).manifest.reward_scale == manifest.reward_scale
