@@ -5,8 +5,9 @@ Usage: python benchmarks/fuzz.py --url http://127.0.0.1:8000 [--examples 1000] [
 Prints a table of status codes per operation, then one JSON line with the counts.
 
 For every generated request (schema-valid bodies, and schema-violating ones) it checks:
-no 5xx; every error is {"error": str, "error_type": str}; strict JSON everywhere (no NaN
-or Infinity, SSE data lines included); status codes, content types, headers and bodies as
+no 5xx; every error is {"error": str, "error_type": str} (OpenAI's {"error": {"message",
+"type", "param", "code"}} under /v1); strict JSON everywhere (no NaN or Infinity, SSE data
+lines included); status codes, content types, headers and bodies as
 /openapi.json documents them; a schema-violating body is refused with a 4xx; a
 schema-valid one gets a 422 only for a reason that needs the store. tests/test_fuzz.py
 runs the same checks with few examples in every `make test`.
@@ -18,13 +19,11 @@ import argparse
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -41,6 +40,10 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.served import serving  # noqa: E402
 
 SCHEMA_CHECKS = [
     not_a_server_error,
@@ -61,6 +64,7 @@ SEMANTIC_422 = (
     "Rewarded-Soup specialists",  # merge_method rewarded-soup on a store without them
     "`messages` could not be rendered",  # the chat template's own rules (role order)
     "`messages` must have at most",  # total characters over all messages
+    "`adapter_id`",  # objective names, modes and merge methods it names depend on the store
 )
 """What a schema-valid body may still get a 422 for: things the schema cannot know."""
 
@@ -74,25 +78,47 @@ def strict_json(text: str | bytes) -> Any:
     return json.loads(text, parse_constant=_reject_constant)
 
 
-def body_problems(status: int, content_type: str, content: bytes) -> list[str]:
-    """The project's own rules, whatever the schema says."""
+def is_error_body(body: Any, openai: bool) -> bool:
+    """{"error": str, "error_type": str}, or under /v1 OpenAI's {"error": {...}}."""
+    if not isinstance(body, dict):
+        return False
+    if openai:
+        error = body.get("error")
+        return (
+            set(body) == {"error"}
+            and isinstance(error, dict)
+            and set(error) == {"message", "type", "param", "code"}
+            and all(isinstance(error[k], str) for k in ("message", "type", "code"))
+            and isinstance(error["param"], str | None)
+        )
+    return set(body) == {"error", "error_type"} and all(isinstance(v, str) for v in body.values())
+
+
+def error_message(content: bytes) -> str:
+    error = strict_json(content)["error"]
+    return error["message"] if isinstance(error, dict) else error
+
+
+def body_problems(
+    status: int, content_type: str, content: bytes, openai: bool = False
+) -> list[str]:
+    """The project's own rules, whatever the schema says; `openai`: a /v1 route."""
     problems = []
     if status >= 500:
         problems.append(f"server error {status}")
     try:
         if content_type.startswith("application/json"):
             body = strict_json(content)
-            if status >= 400 and not (
-                isinstance(body, dict)
-                and set(body) == {"error", "error_type"}
-                and all(isinstance(v, str) for v in body.values())
-            ):
-                problems.append(f"error body not in the {{error, error_type}} shape: {body!r:.200}")
+            if status >= 400 and not is_error_body(body, openai):
+                problems.append(f"error body not in the route's error shape: {body!r:.200}")
         elif content_type.startswith("text/event-stream"):
             lines = content.decode("utf-8").splitlines()
             for line in lines:
-                if line.startswith("data: "):
-                    strict_json(line[6:])
+                if line.startswith("data: ") and not (openai and line == "data: [DONE]"):
+                    data = strict_json(line[6:])
+                    if openai and "error" in data and not is_error_body(data, openai):
+                        problems.append(f"SSE error not in OpenAI's shape: {data!r:.200}")
+            # No check for the final `data: [DONE]`: schemathesis reads 20 events at most.
             if "event: error" in lines:
                 error = strict_json(lines[lines.index("event: error") + 1][6:])
                 if set(error) != {"error", "error_type"}:
@@ -128,14 +154,15 @@ class Report:
 
 def check_case(case: Any, response: Any, mode: GenerationMode) -> list[str]:
     content_type = (response.headers.get("content-type") or [""])[0]
-    problems = body_problems(response.status_code, content_type, response.content)
+    openai = case.operation.path.startswith("/v1/")
+    problems = body_problems(response.status_code, content_type, response.content, openai)
     checks = [*SCHEMA_CHECKS, *([negative_data_rejection] if mode.is_negative else [])]
     try:
         case.validate_response(response, checks=checks)
     except (FailureGroup, Exception) as exc:  # FailureGroup is a BaseException
         problems.append(" ".join(str(exc).split())[:300])
     if mode.is_positive and response.status_code == 422:
-        message = strict_json(response.content)["error"]
+        message = error_message(response.content)
         if not any(reason in message for reason in SEMANTIC_422):
             problems.append(f"schema-valid body refused: {message[:200]}")
     return problems
@@ -206,31 +233,6 @@ def print_table(report: Report) -> None:
         print("FAIL", failure, file=sys.stderr)
 
 
-@contextlib.contextmanager
-def served(store: str, max_new_tokens: int) -> Iterator[str]:
-    """`mage serve` on a free loopback port, with generation capped low so fuzzing is fast."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "cli.main", "serve", "--store", store, "--port", str(port)]
-    command += ["--max-new-tokens", str(max_new_tokens), "--log-level", "warning"]
-    process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise SystemExit(f"mage serve exited with {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/ready").status_code == 200:
-                    break
-            time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -243,7 +245,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=4, help="with --store")
     args = parser.parse_args()
     with contextlib.ExitStack() as stack:
-        url = args.url or stack.enter_context(served(args.store, args.max_new_tokens))
+        flags = ["--max-new-tokens", str(args.max_new_tokens)]
+        url = args.url or stack.enter_context(serving(args.store, flags)).url
         start = time.monotonic()
         report = fuzz(url, args.examples, api_key=args.key)
         seconds = time.monotonic() - start

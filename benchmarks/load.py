@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,51 +25,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """`mage serve` in a child process, with its resident memory read from /proc."""
-
-    def __init__(self, store: str, max_running: int, extra: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "cli.main", "serve", "--store", store]
-        command += ["--port", str(self.port), "--max-running", str(max_running), *extra]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError("the server exited during start-up")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError("the server did not become ready")
-
-    def rss_mib(self, field: str = "VmRSS") -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
-
-    def reset_peak(self) -> None:
-        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=30)
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.served import ROOT, ServerProcess  # noqa: E402
 
 
 def load_prompts(limit: int) -> list[str]:
@@ -236,13 +191,14 @@ def main() -> None:
     parser.add_argument("--server-arg", action="append", default=[], help="extra serve flag")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    server = None if args.url else ServerProcess(args.store, max(counts), args.server_arg)
+    flags = ["--max-running", str(max(counts)), *args.server_arg]
+    server = None if args.url else ServerProcess(args.store, flags)
     url = args.url or server.url
     try:
         if server is not None:
             server.wait_ready()
         asyncio.run(run_clients(url, "none", 1, 1, args))  # warm-up
-        idle_rss = server.rss_mib() if server else None
+        idle_rss = server.memory_mib() if server else None
         rows = {}
         for mode in args.modes.split(","):
             for n in counts:
@@ -251,7 +207,7 @@ def main() -> None:
                 before = merge_histogram(url)
                 row = asyncio.run(run_clients(url, mode, n, args.requests_per_client, args))
                 row.update(merge_stats(before, merge_histogram(url)))
-                row["peak_rss_mib"] = round(server.rss_mib("VmHWM"), 1) if server else None
+                row["peak_rss_mib"] = round(server.memory_mib("VmHWM"), 1) if server else None
                 rows[f"{mode}@{n}"] = row
         single = rows[f"none@{counts[0]}"]
         prompts = load_prompts(len(single["token_counts"]))

@@ -27,7 +27,9 @@ from model_store.loader import LoadedStore
 
 
 class Member(Protocol):
-    """What the batch reads of a sequence."""
+    """What the batch reads of a sequence. A member may also carry `prefill_logprobs`, a
+    list: the prefill then appends its prompt-token log-probabilities (see
+    `_prompt_logprobs`)."""
 
     plan: DecodePlan
     gamma: float
@@ -88,6 +90,7 @@ class Batch:
         self._layout: Layout | None = None
         self._prompts: tuple[torch.Tensor, torch.Tensor, list[int]] | None = None
         self.cursor = 0  # prefill columns done
+        self._every_position: torch.Tensor | None = None  # (rows, width, hidden), opt-in
 
     def __len__(self) -> int:
         return len(self.members)
@@ -142,6 +145,8 @@ class Batch:
         self.members = list(members)
         self._layout = None
         for member in members:
+            if getattr(member, "prefill_logprobs", None) is not None:
+                member.prefill_logprobs.clear()  # a retried prefill starts over
             for source in member.plan.values:
                 model = source.model
                 if model is not None and id(model) not in self.lanes:
@@ -173,7 +178,10 @@ class Batch:
         stop = min(longest, start + width)
         # Each member's real tokens sit in its last len(prompt) columns.
         real = [max(0, stop - max(start, longest - n)) for n in lengths]
-        outputs = self._step(ids[:, start:stop], mask[:, start:stop], real)
+        asking = [m for m, member in enumerate(self.members) if _asks(member)]
+        outputs = self._step(ids[:, start:stop], mask[:, start:stop], real, bool(asking))
+        if asking:
+            self._prompt_logprobs(asking, start, stop)
         self.cursor = stop
         if stop < longest:
             return None
@@ -207,15 +215,22 @@ class Batch:
         return pad if pad is not None else (tokenizer.eos_token_id or 0)
 
     @torch.inference_mode()
-    def _step(self, ids: torch.Tensor, mask: torch.Tensor, real: list[int]) -> torch.Tensor:
-        """Forward a block (members, width) through every lane; the step's outputs."""
+    def _step(
+        self, ids: torch.Tensor, mask: torch.Tensor, real: list[int], every: bool = False
+    ) -> torch.Tensor:
+        """Forward a block (members, width) through every lane; the step's outputs. With
+        `every`, the base lane's hidden states of every column are kept for
+        `_prompt_logprobs`."""
         layout, store = self.layout, self.store
         rows = torch.tensor(layout.base_member, device=store.device)
         store.coefficients.set(layout.coefficients, layout.active)
         try:
-            hidden = self.base.forward(ids[rows], mask[rows], [real[m] for m in layout.base_member])
+            reals = [real[m] for m in layout.base_member]
+            hidden = self.base.forward(ids[rows], mask[rows], reals, every_position=every)
         finally:
             store.coefficients.set(None)
+        if every:
+            self._every_position, hidden = hidden, hidden[:, -1]
         lane_hidden = {}
         for key, lane in self.lanes.items():
             owners = [m for m, _ in layout.lane_rows[key]]
@@ -247,6 +262,42 @@ class Batch:
             parts.append(bank(lane_hidden[key][row][None], weights, own).float())
         return torch.cat(parts)
 
+    # --- prompt log-probabilities (opt-in: TGI's decoder_input_details) -------------------
+    @torch.inference_mode()
+    def _prompt_logprobs(self, asking: list[int], start: int, stop: int) -> None:
+        """For each asking member, log pi(prompt token | its prefix) of the tokens this chunk
+        predicts, appended to its `prefill_logprobs` (on the device; the engine reads them
+        once, when the request finishes). pi is the member's policy, unguided: guidance
+        scores next tokens, not the prompt."""
+        full, self._every_position = self._every_position, None
+        ids, _, lengths = self._prompts
+        longest = ids.shape[1]
+        for m in asking:
+            # Column c predicts token c + 1; only real columns with a real successor count.
+            first, last = max(start, longest - lengths[m]), min(stop, longest - 1)
+            if first < last:
+                rows = [full[r, first - start : last - start] for r in self.layout.base_rows[m]]
+                logprobs = self._policy_logprobs(rows, self.members[m].plan)
+                targets = ids[m, first + 1 : last + 1]
+                self.members[m].prefill_logprobs.append(logprobs.gather(1, targets[:, None])[:, 0])
+
+    def _policy_logprobs(self, hidden: list[torch.Tensor], plan: DecodePlan) -> torch.Tensor:
+        """(columns, vocab) log pi from a member's rows' hidden states: its one Bone Soup
+        row, or MOD's sum_i mu_i log pi_i renormalised."""
+        embedding = self.store.model.get_output_embeddings()
+        total = None
+        for row, weight in zip(plan.policy_rows, plan.policy_mix, strict=True):
+            logits = functional.linear(hidden[row], embedding.weight)
+            if embedding.bias is not None:
+                logits = logits + embedding.bias
+            part = weight * torch.log_softmax(logits.float(), -1)
+            total = part if total is None else total + part
+        return torch.log_softmax(total, -1) if len(plan.policy_rows) > 1 else total
+
+
+def _asks(member: Member) -> bool:
+    return getattr(member, "prefill_logprobs", None) is not None
+
 
 def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
     """Number every member's rows and outputs; one pass over the plans."""
@@ -254,7 +305,7 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
     lane_rows: dict[int, list[tuple[int, int]]] = {}
     lm_rows: list[int] = []
     value_rows: list[int] = []
-    value_weights: list[torch.Tensor] = []
+    value_weights: list[tuple[float, ...]] = []
     standalone: list[tuple[int, int, torch.Tensor]] = []
     outputs_of: list[list[tuple[str, int]]] = []  # per member: (kind, position) per output
     first = 0
@@ -269,7 +320,7 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
             if source.model is not None:
                 rows = lane_rows.setdefault(id(source.model), [])
                 own.append(("standalone", len(standalone)))
-                weights = source.weights[None].to(store.device, store.dtype)
+                weights = torch.tensor([source.weights], device=store.device, dtype=store.dtype)
                 standalone.append((id(source.model), len(rows), weights))
                 rows.append((m, k))
             else:
@@ -298,11 +349,9 @@ def build_layout(store: LoadedStore, members: list[Member]) -> Layout:
         active=active,
         lm_rows=torch.tensor(lm_rows, dtype=torch.long, device=device),
         value_rows=torch.tensor(value_rows, dtype=torch.long, device=device),
-        value_weights=(
-            torch.stack(value_weights).to(device, store.dtype)
-            if value_weights
-            else torch.zeros((0, store.n_objectives), device=device, dtype=store.dtype)
-        ),
+        value_weights=torch.tensor(
+            value_weights or [[0.0] * store.n_objectives], device=device, dtype=store.dtype
+        )[: len(value_weights)],
         standalone=standalone,
         term_index=index.to(device),
         policy_weight=policy.to(device),

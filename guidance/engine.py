@@ -33,10 +33,11 @@ from guidance.requests import (
     Event,
     GenerationRequest,
     RequestHandle,
-    SamplingParams,
     TokenEvent,
+    TopToken,
 )
 from guidance.sampling import Pick, choose_tokens
+from guidance.sequence import Sequence
 from merging.cache import MergeCache
 from model_store.loader import LoadedStore
 
@@ -82,43 +83,6 @@ class EngineConfig:
     """Byte budget of the per-preference merge cache."""
     stall_timeout_s: float = 120.0
     """With work waiting, no completed loop for this long makes `health()` report a stall."""
-
-
-@dataclass(eq=False)
-class Sequence:
-    """Decode state of one admitted request (a member of a Batch)."""
-
-    handle: RequestHandle
-    plan: DecodePlan
-    """Rows and weights for this request's preference and mode (shared via the cache)."""
-    cache_hit: bool
-    """Whether the plan came from the merge cache (reported in details)."""
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    """The request's own RNG when sampling."""
-    seed: int | None
-    ids: list[int]
-    """Prompt then generated token ids."""
-    generated: int = 0
-    last_token_at: float = 0.0
-    finished: bool = False
-
-    @property
-    def request(self) -> GenerationRequest:
-        return self.handle.request
-
-    @property
-    def gamma(self) -> float:
-        return self.request.gamma
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return self.request.sampling
-
-    @property
-    def kv_rows(self) -> int:
-        """Rows this sequence adds to the lanes: its plan's rows and standalone models."""
-        return self.plan.rows + sum(source.model is not None for source in self.plan.values)
 
 
 def _done(events: list[Event]) -> bool:
@@ -250,7 +214,10 @@ class Engine:
             try:
                 scores = torch.cat([batch.scores(out) for batch, out in ready])  # Eq. (25)
                 picks = choose_tokens(
-                    scores, [s.sampling for s in members], [s.generator for s in members]
+                    scores,
+                    [s.sampling for s in members],
+                    [s.generator for s in members],
+                    [s.seen for s in members],
                 )
             except Exception as exc:
                 log.exception("guidance or sampling failed")
@@ -398,7 +365,14 @@ class Engine:
             seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
             generator = torch.Generator(device=self.store.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.store.tokenizer)
-        return Sequence(handle, plan, hit, detok, generator, seed, list(request.prompt_ids))
+        seq = Sequence(handle, plan, hit, detok, generator, seed, list(request.prompt_ids))
+        if request.sampling.repetition_penalty != 1.0:
+            vocab = self.store.model.get_output_embeddings().weight.shape[0]
+            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.store.device)
+            seq.seen[torch.tensor(seq.ids, dtype=torch.long, device=self.store.device)] = True
+        if request.prompt_logprobs:
+            seq.prefill_logprobs = []
+        return seq
 
     def _plan_for(self, request: GenerationRequest) -> tuple[DecodePlan, bool]:
         mu = round_preference(request.preference)
@@ -433,30 +407,44 @@ class Engine:
             self._finish(seq, "error", ErrorEvent(message, "generation"))
             return
         try:
-            self._emit_token(seq, pick.token, pick.logprob)
+            self._emit_token(seq, pick)
         except Exception as exc:
             log.exception("emitting failed for %s", seq.request.request_id)
             self._finish(seq, "error", ErrorEvent(f"generation failed: {exc}", "generation"))
 
-    def _emit_token(self, seq: Sequence, token: int, logprob: float) -> None:
+    def _emit_token(self, seq: Sequence, pick: Pick) -> None:
         now = time.monotonic()
         self.observer.token(now - seq.last_token_at, first=seq.generated == 0)
         seq.last_token_at = now
+        token, logprob = pick.token, pick.logprob
         seq.ids.append(token)
         seq.generated += 1
+        if seq.seen is not None:
+            seq.seen[token] = True
         special = token in self.special_ids
         text = (
             self.store.tokenizer.convert_ids_to_tokens(token) if special else seq.detok.push(token)
         )
+        top = tuple(self._top_token(i, lp) for i, lp in pick.top)
         reason = self._finish_reason(seq, token, len(text))
         if reason is None:
-            seq.handle.on_event(TokenEvent(token, text, logprob, special))
+            seq.handle.on_event(TokenEvent(token, text, logprob, special, top_tokens=top))
             return
         if not special:
             text += seq.detok.flush()
-        details = self._details(seq, reason)
-        event = TokenEvent(token, text, logprob, special, seq.detok.text, details)
+        details = seq.details(reason, self._token_text)
+        event = TokenEvent(token, text, logprob, special, seq.detok.text, details, top)
         self._finish(seq, "success", event)
+
+    def _top_token(self, token: int, logprob: float) -> TopToken:
+        text, special = self._token_text(token)
+        return TopToken(token, text, logprob, special)
+
+    def _token_text(self, token: int) -> tuple[str, bool]:
+        """A token's text on its own (alternatives and prompt tokens), and whether special."""
+        if token in self.special_ids:
+            return self.store.tokenizer.convert_ids_to_tokens(token), True
+        return self.store.tokenizer.decode([token]), False
 
     def _finish_reason(self, seq: Sequence, token: int, new_chars: int) -> str | None:
         if token in self.eos_ids and not seq.request.ignore_eos:
@@ -469,19 +457,6 @@ class Engine:
         if seq.generated >= seq.request.max_new_tokens:
             return "length"
         return None
-
-    def _details(self, seq: Sequence, reason: str) -> dict:
-        plan = seq.plan
-        return {
-            "finish_reason": reason,
-            "prompt_tokens": len(seq.request.prompt_ids),
-            "generated_tokens": seq.generated,
-            "seed": seq.seed,
-            "preference": [round(float(v), 6) for v in plan.preference],
-            "lambda": [round(float(v), 6) for v in plan.lambdas],
-            "guidance": {"mode": plan.mode, "gamma": seq.request.gamma},
-            "merge_cache_hit": seq.cache_hit,
-        }
 
     def _fail(self, members: list[Sequence], message: str) -> None:
         for seq in members:

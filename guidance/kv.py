@@ -121,12 +121,17 @@ class KVLane:
 
     @torch.inference_mode()
     def forward(
-        self, ids: torch.Tensor, block_mask: torch.Tensor, real_tokens: list[int]
+        self,
+        ids: torch.Tensor,
+        block_mask: torch.Tensor,
+        real_tokens: list[int],
+        every_position: bool = False,
     ) -> torch.Tensor:
         """Append a block: ids and 0/1 mask (rows, width), each row's padding on its left;
         `real_tokens` is each row's count of ones in the block, known to the caller.
-        Returns the last column's hidden states (rows, hidden). On failure the lane is as
-        it was before the call."""
+        Returns the last column's hidden states (rows, hidden), or with `every_position`
+        every column's (rows, width, hidden). On failure the lane is as it was before the
+        call."""
         width = ids.shape[1]
         if self.length + width > self.mask.shape[1]:
             self._resize_mask(_capacity(self.length + width))
@@ -150,7 +155,7 @@ class KVLane:
         self.length += width
         self.real = self.real + block_mask.sum(1)
         self.real_host = [r + t for r, t in zip(self.real_host, real_tokens, strict=True)]
-        return out.last_hidden_state[:, -1]
+        return out.last_hidden_state if every_position else out.last_hidden_state[:, -1]
 
     def join(self, other: KVLane) -> None:
         """Append the rows of `other` (a lane of the same decoder), left-padding the shorter."""

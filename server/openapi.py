@@ -10,7 +10,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from server.schemas import ErrorBody
+from server.errors import is_openai
+from server.schemas import ErrorBody, GenerateResponse
 
 ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key (only when the server has keys).",
@@ -81,28 +82,68 @@ SSE_EVENT_SCHEMA = {
         },
     ]
 }
+OPENAI_SSE_EVENT_SCHEMA = {
+    # Each event's data is a chunk (JSON) or the final [DONE]; see OPENAI_SSE_DESCRIPTION.
+    "type": "object",
+    "required": ["data"],
+    "properties": {"data": {"type": "string"}},
+}
 _HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "schema": {"type": "string"}}},
     429: {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
 }
 
 
+OPENAI_SSE_DESCRIPTION = (
+    "With `stream: true`, server-sent events: `data: {chunk}` (chat.completion.chunk or "
+    "text_completion objects, the last of each choice with finish_reason and `mage`), a "
+    "usage chunk if stream_options.include_usage, then `data: [DONE]`; an error after the "
+    "stream started arrives as `data: {error: {message, type, param, code}}`."
+)
+
+
 def api_responses(success: Any, *statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` for a route: its success body (a model, "event-stream" or None for the
-    route's own) and each error status, all with the ErrorBody schema."""
+    """`responses=` for a route: its success body and each error status. `success` is a
+    model, "event-stream" (TGI's events), "compat" (POST /: a list, or TGI's events),
+    ("openai", model) (JSON or OpenAI's event stream), ("openai-json", model), or None for
+    the route's own. Errors have the ErrorBody schema, or OpenAI's on ("openai...") routes."""
     responses: dict[int | str, dict[str, Any]] = {}
-    if success == "event-stream":
+    openai = isinstance(success, tuple)
+    if openai:
+        kind, model = success
+        responses[200] = {"model": model, "description": "The answer."}
+        if kind == "openai":
+            responses[200]["description"] += " " + OPENAI_SSE_DESCRIPTION
+            responses[200]["content"] = {"text/event-stream": {"schema": OPENAI_SSE_EVENT_SCHEMA}}
+    elif success == "event-stream":
         responses[200] = {
             "description": SSE_DESCRIPTION,
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         }
+    elif success == "compat":
+        responses[200] = {
+            "description": "`stream` false: a list holding /generate's answer. " + SSE_DESCRIPTION,
+            "content": {
+                "application/json": {
+                    "schema": {"type": "array", "items": GenerateResponse.model_json_schema()}
+                },
+                "text/event-stream": {"schema": SSE_EVENT_SCHEMA},
+            },
+        }
     elif success is not None:
         responses[200] = {"model": success, "description": "The generated text and details."}
+    error_model = _openai_error_model() if openai else ErrorBody
     for status in statuses:
-        responses[status] = {"model": ErrorBody, "description": ERROR_DESCRIPTIONS[status]}
+        responses[status] = {"model": error_model, "description": ERROR_DESCRIPTIONS[status]}
         if status in _HEADERS:
             responses[status]["headers"] = _HEADERS[status]
     return responses
+
+
+def _openai_error_model() -> Any:
+    from server.openai_schemas import OpenAIErrorBody  # a leaf, imported late: no cycle
+
+    return OpenAIErrorBody
 
 
 def customise_openapi(app: FastAPI, open_paths: frozenset[str] | None) -> None:
@@ -123,11 +164,13 @@ def customise_openapi(app: FastAPI, open_paths: frozenset[str] | None) -> None:
                     if "text/event-stream" not in content:
                         continue
                     if status.startswith("2"):
-                        content["text/event-stream"] = {"schema": SSE_EVENT_SCHEMA}
+                        # FastAPI merges a plain "type: string" over the schemas given
+                        events = OPENAI_SSE_EVENT_SCHEMA if is_openai(path) else SSE_EVENT_SCHEMA
+                        content["text/event-stream"] = {"schema": events}
                     else:  # FastAPI files every answer under the route's media type
                         response["content"] = {"application/json": content["text/event-stream"]}
                 if open_paths is not None:
-                    _require_key(operation, path in open_paths)
+                    _require_key(operation, path in open_paths, is_openai(path))
         if open_paths is not None:
             schema.setdefault("components", {})["securitySchemes"] = {
                 "bearer": {"type": "http", "scheme": "bearer"}
@@ -158,13 +201,14 @@ def _exact_integer_bounds(node: Any) -> Any:
     return node
 
 
-def _require_key(operation: dict[str, Any], open_path: bool) -> None:
+def _require_key(operation: dict[str, Any], open_path: bool, openai: bool) -> None:
     if open_path:
         operation["security"] = []
         return
     operation["security"] = [{"bearer": []}]
+    body = "OpenAIErrorBody" if openai else "ErrorBody"
     operation.setdefault("responses", {})["401"] = {
         "description": ERROR_DESCRIPTIONS[401],
         "headers": _HEADERS[401],
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+        "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}},
     }

@@ -6,7 +6,13 @@ reasons that need the store (preference length or names, prompt too long in toke
 the store lacks). Types are strict: `true` is not a number and `"4"` is not an integer
 (a JSON integer is still a fine float, and 4.0 a fine integer). The models depend on
 server settings (the `max_new_tokens` and stop-sequence limits), so `request_body_type`
-builds them per app.
+builds them per app. The field types and the steering fields (preference, guidance, merge
+method) are shared with the OpenAI-compatible bodies (server.openai_schemas).
+
+Every parameter TGI documents is accepted. Those the server cannot honour are typed so that
+only their neutral value validates (`best_of` 1, `watermark` false, `grammar` null,
+`frequency_penalty` 0): the schema says exactly what is accepted, and server.errors names
+the field as unsupported when another value comes.
 """
 
 from __future__ import annotations
@@ -47,6 +53,13 @@ tokenised (tokenising megabytes takes seconds); tokenizers merge far fewer chara
 into one token in real text."""
 ROLES = ("system", "user", "assistant")
 """Chat roles accepted in `messages`."""
+REPETITION_PENALTY_MIN, REPETITION_PENALTY_MAX = 0.01, 100.0
+"""Repetition penalty range (1 is none): beyond these the penalised scores only saturate."""
+TOP_N_MAX = 20
+"""Most alternatives per generated token (top_n_tokens; OpenAI's top_logprobs allows 20)."""
+ADAPTER_ID_PATTERN = r"^[^,=]+(=[^,=]+)?(,[^,=]+(=[^,=]+)?)*$"
+"""`adapter_id` as a preference: comma-separated weights, or name=value pairs (objectives,
+mode, gamma, merge_method); server.translate reads it."""
 
 _STRICT = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 
@@ -55,11 +68,18 @@ class ApiError(Exception):
     """An error answered as {"error": message, "error_type": kind} with an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, kind: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
         self.headers = headers
+        self.param = param
+        """The request field at fault, when one is (OpenAI's error `param`)."""
 
 
 def _valid_unicode(text: str) -> str:
@@ -91,6 +111,20 @@ def bounded_int(**bounds: int) -> Any:
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Temperature = Annotated[float, Field(ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False)]
+TopK = bounded_int(ge=1, le=TOP_K_MAX)
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+TypicalP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+RepetitionPenalty = Annotated[
+    float, Field(ge=REPETITION_PENALTY_MIN, le=REPETITION_PENALTY_MAX, allow_inf_nan=False)
+]
+Seed = bounded_int(ge=0, lt=SEED_LIMIT)
+TopN = bounded_int(ge=0, le=TOP_N_MAX)
+ZeroPenalty = Annotated[float, Field(ge=0, le=0)]
+"""frequency/presence penalties: accepted at their neutral 0 only (not implemented)."""
+OnlyOne = bounded_int(ge=1, le=1)
+"""best_of: accepted at its neutral 1 only."""
+StopText = Annotated[Text, Field(min_length=1, max_length=STOP_MAX_CHARS)]
 
 
 def _preference_shape(value: Any) -> str | None:
@@ -115,7 +149,23 @@ class GuidanceParameters(BaseModel):
     mode: GuidanceMode | None = None
     """Guidance mode; omitted: the store's default. /info lists the store's modes."""
     gamma: Annotated[float, Field(ge=0, le=GAMMA_MAX, allow_inf_nan=False)] | None = None
-    """Guidance scale gamma of Eq. (25); omitted: the store's default."""
+    """Guidance scale gamma of Eq. (25); omitted: the store's tuned gamma for the mode
+    (defaults.gamma_by_mode), else its default gamma."""
+
+
+class Steering(BaseModel):
+    """What only this server has: the preference and how it steers. Shared by the TGI
+    `parameters` and the OpenAI bodies (as extra fields, like vLLM's sampling extras)."""
+
+    model_config = _STRICT
+    preference: Preference | None = None
+    """mu: weights in objective order, or {objective: weight} (missing names weigh 0);
+    finite, >= 0, not all zero; normalised onto the simplex. Omitted: the store's."""
+    guidance: GuidanceParameters | None = None
+    """Guidance mode and scale; omitted ones: the store's."""
+    merge_method: MergeMethod | None = None
+    """How backbone coefficients come from mu (bone-soup, the default: lambda = B^-1 mu,
+    Eq. 13)."""
 
 
 class GenerateResponse(BaseModel):
@@ -124,9 +174,10 @@ class GenerateResponse(BaseModel):
     model_config = ConfigDict(use_attribute_docstrings=True)
     generated_text: str
     """The generated text (without an EOS token, with a stop sequence)."""
-    details: dict[str, Any]
-    """finish_reason (length, eos_token, stop_sequence), prompt_tokens, generated_tokens,
-    seed, preference (mu), lambda, guidance {mode, gamma}, merge_cache_hit."""
+    details: dict[str, Any] | None = None
+    """TGI's details (finish_reason: length, eos_token or stop_sequence; generated_tokens,
+    seed, prefill, tokens, top_tokens) and this server's: prompt_tokens, preference (mu),
+    lambda, guidance {mode, gamma}, merge_cache_hit. Left out when `details` is false."""
 
 
 class ErrorBody(BaseModel):
@@ -151,36 +202,49 @@ def request_body_type(settings: ServerSettings) -> Any:
         content: Annotated[Text, Field(max_length=max_chars)]
         """What they say."""
 
-    class Parameters(BaseModel):
+    class Parameters(Steering):
         model_config = _STRICT
-        preference: Preference | None = None
-        """mu: weights in objective order, or {objective: weight} (missing names weigh 0);
-        finite, >= 0, not all zero; normalised onto the simplex. Omitted: the store's."""
-        guidance: GuidanceParameters | None = None
-        """Guidance mode and scale."""
-        merge_method: MergeMethod = "bone-soup"
-        """How backbone coefficients come from mu (bone-soup: lambda = B^-1 mu, Eq. 13)."""
         max_new_tokens: bounded_int(ge=1, le=settings.max_new_tokens) | None = None
         """Tokens to generate at most (also bounded by the model's context)."""
         do_sample: bool = False
-        """Sample instead of greedy; implied by temperature, top_k or top_p."""
-        temperature: (
-            Annotated[float, Field(ge=TEMPERATURE_MIN, le=TEMPERATURE_MAX, allow_inf_nan=False)]
-            | None
-        ) = None
+        """Sample instead of greedy; implied by temperature, top_k, top_p or typical_p."""
+        temperature: Temperature | None = None
         """Sampling temperature."""
-        top_k: bounded_int(ge=1, le=TOP_K_MAX) | None = None
+        top_k: TopK | None = None
         """Keep the k most likely tokens when sampling."""
-        top_p: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] | None = None
+        top_p: TopP | None = None
         """Nucleus filter: keep the most likely tokens holding this much probability."""
-        seed: bounded_int(ge=0, lt=SEED_LIMIT) | None = None
+        typical_p: TypicalP | None = None
+        """Typical decoding mass (transformers' TypicalLogitsWarper) when sampling."""
+        repetition_penalty: RepetitionPenalty | None = None
+        """Penalise tokens already in the prompt or output (1: none), after guidance."""
+        seed: Seed | None = None
         """Seed of the request's sampler, for reproducible sampling."""
-        stop: list[Annotated[Text, Field(min_length=1, max_length=STOP_MAX_CHARS)]] = Field(
-            default_factory=list, max_length=settings.max_stop_sequences
-        )
+        stop: list[StopText] = Field(default_factory=list, max_length=settings.max_stop_sequences)
         """Stop sequences: the output ends after the first one appears."""
         details: bool = True
-        """Accepted for TGI compatibility; details are always returned."""
+        """Return `details` (TGI's fields and this server's preference, lambda, ...)."""
+        decoder_input_details: bool = False
+        """Add `details.prefill`: each prompt token with the policy's log-probability given
+        its prefix (unguided; the first token has none)."""
+        top_n_tokens: TopN | None = None
+        """Return the n most likely tokens at each step (`top_tokens`)."""
+        return_full_text: bool | None = None
+        """Prepend the prompt to `generated_text` (default false)."""
+        truncate: bounded_int(ge=1, le=settings.max_input_tokens) | None = None
+        """Keep only the last `truncate` prompt tokens."""
+        adapter_id: Annotated[str, Field(max_length=1024, pattern=ADAPTER_ID_PATTERN)] | None = None
+        """The preference for clients that cannot send `preference` (LoRAX's adapter
+        field): "0.3,0.7" or "relevance=0.3,positivity=0.7", optionally with mode=,
+        gamma= and merge_method= entries. `preference`/`guidance`/`merge_method` win."""
+        best_of: OnlyOne | None = None
+        """Accepted for TGI compatibility at 1 only."""
+        watermark: Literal[False] = False
+        """Accepted for TGI compatibility at false only."""
+        grammar: None = None
+        """Accepted for TGI compatibility as null only (no constrained decoding)."""
+        frequency_penalty: ZeroPenalty | None = None
+        """Accepted for TGI compatibility at 0 only."""
 
     class TextBody(BaseModel):
         model_config = ConfigDict(
@@ -198,6 +262,9 @@ def request_body_type(settings: ServerSettings) -> Any:
         """Raw prompt text (no chat template applied)."""
         parameters: Parameters = Field(default_factory=Parameters)
         """Generation parameters; omitted ones take the store's defaults."""
+        stream: bool = False
+        """On `POST /` (TGI's compat route): stream server-sent events instead of one JSON
+        answer. /generate and /generate_stream decide by their route and ignore it."""
 
     class ChatBody(BaseModel):
         model_config = ConfigDict(
@@ -215,6 +282,8 @@ def request_body_type(settings: ServerSettings) -> Any:
         """Chat messages, rendered with the tokenizer's chat template."""
         parameters: Parameters = Field(default_factory=Parameters)
         """Generation parameters; omitted ones take the store's defaults."""
+        stream: bool = False
+        """On `POST /`: stream server-sent events instead of one JSON answer."""
 
     return Annotated[
         Annotated[TextBody, Tag("text")] | Annotated[ChatBody, Tag("chat")],

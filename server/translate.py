@@ -1,16 +1,72 @@
-"""Turn a validated HTTP body into the engine's GenerationRequest (tokenising the prompt)."""
+"""Turn a validated HTTP body into the engine's GenerationRequest (tokenising the prompt).
+
+Both APIs (TGI's `parameters`, OpenAI's fields) are first read into one `Options`; from there
+everything is shared: store defaults, preference, guidance mode, limits, sampling.
+"""
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
+from pydantic import ValidationError
 
 from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
-from server.schemas import CHARS_PER_TOKEN_BOUND, ApiError
+from server.errors import describe_validation
+from server.schemas import CHARS_PER_TOKEN_BOUND, ApiError, Steering
 from server.settings import ServerSettings
+
+STEERING_KEYS = ("mode", "gamma", "merge_method")
+"""Keys of an `adapter_id` (or X-Mage-Preference header) that are not objective names."""
+PREFERENCE_HEADER = "x-mage-preference"
+"""Header carrying the same text as `adapter_id`, for clients that can only set headers
+(TGI's `text-generation` Client(headers=...))."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Raw text (no template) xor chat messages ({"role", "content"} dicts)."""
+
+    text: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What a request asks for, whichever API it came through (already schema-valid)."""
+
+    steering: Steering = field(default_factory=Steering)
+    """Preference, guidance and merge method as the body gave them (None: not given)."""
+    max_new_tokens: int | None = None
+    """Omitted: the store's default, within the server's limit."""
+    do_sample: bool = False
+    """Sample; implied by temperature, top_k, top_p or typical_p."""
+    temperature: float | None = None
+    """Sampling temperature."""
+    top_k: int | None = None
+    """Top-k filter."""
+    top_p: float | None = None
+    """Nucleus filter."""
+    typical_p: float | None = None
+    """Typical decoding mass."""
+    repetition_penalty: float | None = None
+    """Repetition penalty; None is 1 (none)."""
+    seed: int | None = None
+    """Sampler seed."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences."""
+    top_n: int = 0
+    """Alternatives per generated token."""
+    prompt_logprobs: bool = False
+    """Report the prompt tokens' log-probabilities."""
+    truncate: int | None = None
+    """Keep only the last `truncate` prompt tokens."""
 
 
 def available_modes(store: LoadedStore) -> list[str]:
@@ -23,67 +79,131 @@ def available_modes(store: LoadedStore) -> list[str]:
     return modes
 
 
-def tokenize_prompt(body: Any, store: LoadedStore, settings: ServerSettings) -> list[int]:
-    """Prompt ids of a text body (`inputs`, no template) or a chat body (`messages`); the
-    schema has already checked that exactly one is there, non-empty, valid Unicode."""
+def parse_steering(text: str, source: str, store: LoadedStore) -> Steering:
+    """`adapter_id` / header text as steering fields, checked against the store so that an
+    error names `source`: "0.3,0.7" (weights in objective order) or
+    "relevance=0.3,positivity=0.7", either with optional mode=, gamma=, merge_method=."""
+
+    def refuse(problem: str) -> ApiError:
+        return ApiError(422, f"`{source}` {problem}. Given: {text!r}", "validation", None, source)
+
+    entries = [entry.partition("=") for entry in text.split(",")]
+    fields = {key.strip(): value.strip() for key, sep, value in entries if sep}
+    weights = [key.strip() for key, sep, _ in entries if not sep]
+    named = {k: v for k, v in fields.items() if k not in STEERING_KEYS}
+    if weights and named:
+        raise refuse("mixes bare weights and objective=weight entries")
+    values: dict[str, Any] = {}
+    try:
+        if weights or named:
+            values["preference"] = [float(w) for w in weights] or {
+                k: float(v) for k, v in named.items()
+            }
+        guidance = {k: fields[k] for k in ("mode", "gamma") if k in fields}
+        if "gamma" in guidance:
+            guidance["gamma"] = float(guidance["gamma"])
+    except ValueError:
+        raise refuse("weights and gamma must be numbers") from None
+    values |= {"guidance": guidance} if guidance else {}
+    values |= {"merge_method": fields["merge_method"]} if "merge_method" in fields else {}
+    try:
+        steering = Steering.model_validate(values)
+        if steering.preference is not None:
+            normalise_preference(steering.preference, store.objectives)
+    except ValidationError as exc:
+        raise refuse(describe_validation(exc.errors()).replace("invalid request: ", "")) from None
+    except PreferenceError as exc:
+        raise refuse(f"is not a valid preference: {exc}") from None
+    return steering
+
+
+def merged_steering(first: Steering, *fallbacks: Steering | None) -> Steering:
+    """Each steering field from the first source that gives it (body, adapter_id, header)."""
+    keys = set(Steering.model_fields)
+    values = first.model_dump(include=keys, exclude_none=True)
+    for fallback in fallbacks:
+        if fallback is not None:
+            for key, value in fallback.model_dump(exclude_none=True).items():
+                if key == "guidance":  # mode and gamma each from the first that gives it
+                    values["guidance"] = {**value, **values.get("guidance", {})}
+                else:
+                    values.setdefault(key, value)
+    return Steering.model_validate(values)
+
+
+def header_steering(headers: Mapping[str, str], store: LoadedStore) -> Steering | None:
+    text = headers.get(PREFERENCE_HEADER)
+    return parse_steering(text, "X-Mage-Preference", store) if text else None
+
+
+def tokenize_prompt(
+    prompt: Prompt, store: LoadedStore, settings: ServerSettings, truncate: int | None = None
+) -> list[int]:
+    """Prompt ids of raw text (no template) or chat messages; the schema has already checked
+    that exactly one is there, non-empty, valid Unicode. `truncate` keeps the last tokens."""
     tokenizer = store.tokenizer
-    messages = getattr(body, "messages", None)
-    if messages is not None:
-        # The schema bounds each message; their sum is bounded here, before the template
-        # and the tokenizer see megabytes.
-        max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
-        total = sum(len(m.content) for m in messages)
-        if total > max_chars:
-            raise ApiError(
-                422,
-                f"`messages` must have at most {max_chars} characters in all. Given: {total}",
-                "validation",
-            )
-        if not getattr(tokenizer, "chat_template", None):
-            raise ApiError(422, "this model has no chat template; send `inputs`", "validation")
-        rendered = [m.model_dump() for m in messages]
-        try:
-            ids = tokenizer.apply_chat_template(rendered, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # jinja errors for roles or orders the template rejects
-            raise ApiError(422, f"`messages` could not be rendered: {exc}", "validation") from None
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    if prompt.messages is not None:
+        ids = _chat_ids(prompt.messages, store, settings)
     else:
-        ids = tokenizer(body.inputs, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    if truncate is not None:
+        ids = ids[-truncate:]
     if len(ids) > settings.max_input_tokens:
         raise ApiError(
             422,
             f"`inputs` must have at most {settings.max_input_tokens} tokens. Given: {len(ids)}",
             "validation",
+            None,
+            "inputs",
         )
-    return ids
+    return list(ids)
 
 
-def build_request(body: Any, store: LoadedStore, settings: ServerSettings) -> GenerationRequest:
-    """The engine's request for a schema-valid body; ApiError (422) for what needs the store."""
-    p = body.parameters
-    defaults = store.checked.manifest.defaults
-    objectives = store.objectives
-    preference = (
-        p.preference
-        if p.preference is not None
-        else (defaults.preference or [1.0] * len(objectives))
-    )
+def _chat_ids(
+    messages: list[dict[str, str]], store: LoadedStore, settings: ServerSettings
+) -> list[int]:
+    # The schema bounds each message; their sum is bounded here, before the template and the
+    # tokenizer see megabytes.
+    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    total = sum(len(m["content"]) for m in messages)
+    if total > max_chars:
+        raise ApiError(
+            422,
+            f"`messages` must have at most {max_chars} characters in all. Given: {total}",
+            "validation",
+        )
+    tokenizer = store.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApiError(422, "this model has no chat template; send `inputs`", "validation")
     try:
-        mu = normalise_preference(preference, objectives)
-    except PreferenceError as exc:
-        raise ApiError(422, str(exc), "validation") from None
-    mode = (p.guidance.mode if p.guidance and p.guidance.mode else None) or defaults.guidance_mode
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as exc:  # jinja errors for roles or orders the template rejects
+        raise ApiError(422, f"`messages` could not be rendered: {exc}", "validation") from None
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def build_request(
+    prompt: Prompt, options: Options, store: LoadedStore, settings: ServerSettings
+) -> GenerationRequest:
+    """The engine's request for schema-valid options; ApiError (422) for what needs the store."""
+    steering, defaults = options.steering, store.checked.manifest.defaults
+    given = steering.preference if steering.preference is not None else defaults.preference
+    mu = _preference(given, store.objectives)
+    guidance = steering.guidance
+    mode = (guidance.mode if guidance and guidance.mode else None) or defaults.guidance_mode
     if mode not in available_modes(store):
         raise ApiError(
             422,
             f"guidance mode {mode!r} is not available in this store; "
             f"available: {available_modes(store)}",
             "validation",
+            None,
+            "guidance",
         )
-    named = p.guidance.gamma if p.guidance else None
+    named = guidance.gamma if guidance else None
     gamma = named if named is not None else defaults.gamma_for(mode)  # tuned per mode
-    ids = tokenize_prompt(body, store, settings)
-    max_new = p.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
+    ids = tokenize_prompt(prompt, store, settings, options.truncate)
+    max_new = options.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
     context = getattr(store.model.config, "max_position_embeddings", None)
     if context and len(ids) + max_new > context:
         raise ApiError(
@@ -91,26 +211,46 @@ def build_request(body: Any, store: LoadedStore, settings: ServerSettings) -> Ge
             f"`inputs` tokens + `max_new_tokens` must be <= {context}. "
             f"Given: {len(ids)} `inputs` tokens and {max_new} `max_new_tokens`",
             "validation",
+            None,
+            "max_new_tokens",
         )
-    sampling = _sampling(p, defaults)
     return GenerationRequest(
         request_id=uuid.uuid4().hex,
         prompt_ids=tuple(ids),
         preference=mu,
         mode=mode,
         gamma=float(gamma),
-        sampling=sampling,
+        sampling=_sampling(options, defaults),
         max_new_tokens=max_new,
-        stop=tuple(p.stop),
+        stop=options.stop,
         deadline=time.monotonic() + settings.request_timeout_s,
-        merge_method=p.merge_method,
+        merge_method=steering.merge_method or "bone-soup",
+        prompt_logprobs=options.prompt_logprobs,
     )
 
 
-def _sampling(p: Any, defaults: Any) -> SamplingParams:
-    sample = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+def _preference(
+    given: Sequence[float] | Mapping[str, float] | None, objectives: list[str]
+) -> torch.Tensor:
+    try:
+        return normalise_preference(
+            given if given is not None else [1.0] * len(objectives), objectives
+        )
+    except PreferenceError as exc:
+        raise ApiError(422, str(exc), "validation", None, "preference") from None
+
+
+def _sampling(o: Options, defaults: Any) -> SamplingParams:
+    extras = {
+        "repetition_penalty": o.repetition_penalty or 1.0,
+        "typical_p": o.typical_p,
+        "top_n": o.top_n,
+        "seed": o.seed,
+    }
+    filters = (o.temperature, o.top_k, o.top_p, o.typical_p)
+    sample = o.do_sample or any(v is not None for v in filters)
     if not sample and defaults.temperature:
-        return SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, p.seed)
+        return SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, **extras)
     if not sample:
-        return SamplingParams(seed=p.seed)
-    return SamplingParams(p.temperature or 1.0, p.top_k, p.top_p, p.seed)
+        return SamplingParams(**{**extras, "typical_p": None})
+    return SamplingParams(o.temperature or 1.0, o.top_k, o.top_p, **extras)

@@ -7,7 +7,9 @@ import shutil
 
 import pytest
 
+from model_store.loader import load_store
 from tests.common import build_tiny_store
+from tests.http_server import running_server
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,3 +47,10 @@ def store_copy(tiny_store, tmp_path):
     target = tmp_path / "store"
     shutil.copytree(tiny_store, target)
     return target
+
+
+@pytest.fixture(scope="module")
+def client_url(tiny_store):
+    """A live server on the tiny store (16 new tokens at most), for the client tests."""
+    with running_server(load_store(tiny_store, "cpu", "float32"), max_new_tokens=16) as url:
+        yield url

@@ -43,7 +43,7 @@ def test_mage_i_weighs_backbones_by_lambda(store, mix):
     mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
     plan = build_plan(store, "implicit-ensemble", mu, "bone-soup", implicit_mix=mix)
     weights = solve_lambda(store.checked.combination_matrix, mu) if mix == "lambda" else mu
-    assert torch.allclose(plan.mix, weights)
+    assert torch.allclose(torch.tensor(plan.mix, dtype=torch.float64), weights)
     assert float(weights.sum()) == pytest.approx(1.0)  # columns of B on the simplex
     ids = [store.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Hi", "Bake?")]
     batch, outputs = prefill(store, plan, ids)
@@ -199,24 +199,25 @@ def test_tune_alpha_grid_has_zero_and_beyond_a_half(store_copy, capsys):
 
 
 def test_server_takes_the_tuned_gamma_of_the_requested_mode(store_copy):
-    from pydantic import TypeAdapter
-
-    from server.schemas import request_body_type
+    from server.schemas import Steering
     from server.settings import ServerSettings
-    from server.translate import build_request
+    from server.translate import Options, Prompt, build_request, parse_steering
 
     scaled_store(store_copy, {"implicit": 3.0})
     loaded = load_store(store_copy, "cpu", "float32")
     settings = ServerSettings(store=str(store_copy))
-    body_type = TypeAdapter(request_body_type(settings))
 
-    def gamma(guidance: dict) -> float:
-        body = body_type.validate_python({"inputs": "Hi", "parameters": {"guidance": guidance}})
-        return build_request(body, loaded, settings).gamma
+    def gamma(steering: Steering) -> float:
+        return build_request(Prompt(text="Hi"), Options(steering), loaded, settings).gamma
 
-    assert gamma({"mode": "implicit"}) == 3.0
-    assert gamma({"mode": "implicit", "gamma": 0.2}) == 0.2  # a named gamma wins
-    assert gamma({"mode": "explicit"}) == 1.0  # untuned mode: defaults.gamma
+    def body(guidance: dict) -> float:  # TGI parameters and OpenAI extras share Steering
+        return gamma(Steering.model_validate({"guidance": guidance}))
+
+    assert body({"mode": "implicit"}) == 3.0
+    assert body({"mode": "implicit", "gamma": 0.2}) == 0.2  # a named gamma wins
+    assert body({"mode": "explicit"}) == 1.0  # untuned mode: defaults.gamma
+    assert gamma(parse_steering("0.5,0.5,mode=implicit", "adapter_id", loaded)) == 3.0
+    assert gamma(parse_steering("mode=implicit,gamma=0.4", "adapter_id", loaded)) == 0.4
 
 
 def space_share(prompts: list[str], responses: list[str]) -> list[float]:
@@ -248,6 +249,6 @@ def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
     )
     mu = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
     plan = build_plan(loaded, "implicit-ensemble", mu, "bone-soup")
-    assert torch.allclose(matrix @ plan.mix, mu)  # lambda = B^-1 mu
+    assert torch.allclose(matrix @ torch.tensor(plan.mix, dtype=torch.float64), mu)  # B^-1 mu
     png = (tmp_path / "ev/fronts.png").read_bytes()
     assert png.startswith(b"\x89PNG")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from evaluation.methods import METHODS, generate_batch
 from guidance.engine import Engine
+from guidance.requests import SamplingParams
 from guidance.search import BeamSettings
 from model_store.loader import load_store
+from tests.common import make_request
 from tests.test_decoding import MODES, token_ids
 
 pytestmark = [
@@ -60,3 +64,35 @@ def test_cuda_bfloat16_batched_eval_runs_every_method(tiny_store):
             store, method, (0.5, 0.5), _eval_prompts(store), 4, 1.0, eos, BeamSettings(2, 1, 2)
         )
         assert len(out) == 3 and all(1 <= len(tokens) <= 4 for tokens in out)
+
+
+def test_cuda_concurrent_mixed_batch_matches_cpu(tiny_store):
+    """The batched engine on CUDA: eight preferences and every mode in one batch give the
+    CPU's tokens (fp32), and bf16 runs the same batch."""
+    from tests.test_engine import ids_of, mixed_requests
+
+    cpu = load_store(tiny_store, "cpu", "float32")
+    gpu = load_store(tiny_store, "cuda", "float32")
+    expected = [ids_of(events) for events in Engine(cpu).run_all(mixed_requests(cpu))]
+    got = [ids_of(events) for events in Engine(gpu).run_all(mixed_requests(gpu))]
+    assert got == expected
+    bf16 = load_store(tiny_store, "cuda", "auto")
+    assert all(len(ids_of(events)) >= 1 for events in Engine(bf16).run_all(mixed_requests(bf16)))
+
+
+def test_cuda_sampling_settings_and_prompt_logprobs_match_cpu(tiny_store):
+    """Repetition penalty, top-n alternatives and prompt log-probabilities on CUDA (greedy:
+    CPU and CUDA generators draw different numbers, so sampled rows only have to run)."""
+    results = []
+    for device in ("cpu", "cuda"):
+        store = load_store(tiny_store, device, "float32")
+        sampling = SamplingParams(repetition_penalty=1.5, top_n=3)
+        request = make_request(store, "How do I bake bread?", (0.3, 0.7), "explicit", 8, sampling)
+        events = Engine(store).run_to_completion(replace(request, prompt_logprobs=True))
+        prefill = [p["logprob"] for p in events[-1].details["prefill"][1:]]
+        results.append(([e.id for e in events], [[t.id for t in e.top_tokens] for e in events]))
+        results.append(prefill)
+        typical = replace(request, sampling=SamplingParams(1.0, seed=3, typical_p=0.7, top_n=2))
+        assert len(Engine(store).run_to_completion(typical)) == 8
+    assert results[0] == results[2]
+    assert results[1] == pytest.approx(results[3], abs=1e-4)

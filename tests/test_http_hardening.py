@@ -214,7 +214,7 @@ def test_unexpected_exception_is_500_internal_and_counted(server, monkeypatch):
     def explode(*args, **kwargs):
         raise RuntimeError("/secret/path exploded")
 
-    monkeypatch.setattr("server.app.build_request", explode)
+    monkeypatch.setattr("server.relay.build_request", explode)
     before = metric(server, 'mage_requests_total{outcome="internal"}')
     response = post(server, params())
     assert response.json() == {"error": "internal server error", "error_type": "internal"}
@@ -246,7 +246,11 @@ def test_openapi_describes_the_accepted_bodies_and_answers(server):
     assert (temperature["minimum"], temperature["maximum"]) == (0.01, 100.0)
     seed = parameters["seed"]["anyOf"][0]["exclusiveMaximum"]
     assert seed == 2**64 and isinstance(seed, int)  # exact: not 1.8446744073709552e+19
-    assert parameters["merge_method"]["enum"] == ["bone-soup", "rewarded-soup", "direct"]
+    assert parameters["merge_method"]["anyOf"][0]["enum"] == [
+        "bone-soup",
+        "rewarded-soup",
+        "direct",
+    ]
     assert "description" in parameters["seed"]  # docstrings reach the schema
     guidance = schemas["GuidanceParameters"]["properties"]
     assert "explicit-ensemble" in guidance["mode"]["anyOf"][0]["enum"]

@@ -41,18 +41,29 @@ def bearer(key: str) -> dict[str, str]:
         ("GET", "/docs"),
         ("GET", "/openapi.json"),
         ("GET", "/"),
+        ("POST", "/"),
         ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
     ],
 )
 def test_routes_need_a_key(keyed, method, path):
+    message = "missing or invalid API key: send the header `Authorization: Bearer <key>`"
     for headers in ({}, bearer("wrong"), {"Authorization": KEYS[0]}, {"Authorization": "Basic x"}):
         response = httpx.request(method, f"{keyed}{path}", json=GENERATE, headers=headers)
         assert response.status_code == 401, (path, headers)
         assert response.headers["www-authenticate"] == "Bearer"
-        assert response.json() == {
-            "error": "missing or invalid API key: send the header `Authorization: Bearer <key>`",
-            "error_type": "unauthorized",
-        }
+        if path.startswith("/v1/"):  # OpenAI's error shape on its routes
+            assert response.json() == {
+                "error": {
+                    "message": message,
+                    "type": "authentication_error",
+                    "param": None,
+                    "code": "unauthorized",
+                }
+            }
+        else:
+            assert response.json() == {"error": message, "error_type": "unauthorized"}
 
 
 def test_every_configured_key_works(keyed):

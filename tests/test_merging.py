@@ -21,7 +21,7 @@ from merging.lora import (
     lora_delta,
     stack_adapters,
 )
-from merging.registry import get_merge_method
+from merging.registry import ABLATION_MERGE_METHODS, MERGE_METHODS, get_merge_method
 from model_store.adapters import load_lora_adapter
 from model_store.loader import load_store
 from model_store.multi_lora import MultiLoraLinear
@@ -178,3 +178,17 @@ def test_exact_merge_matches_peft_cat(tiny_store):
         checked += 1
     assert checked == len(modules) >= 5  # adapters differ in targets and rank
     assert lora_delta(ours["helpful"][sorted(ours["helpful"])[0]]).abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(MERGE_METHODS | ABLATION_MERGE_METHODS))
+def test_every_merge_method_is_linear_in_mu(name):
+    """guidance.plan builds coefficient rows from each method's linear map M (c = M mu),
+    computed once; that is exact only for methods linear in mu."""
+    from guidance.plan import linear_map
+
+    method = get_merge_method(name)
+    matrix = circulant_matrix(0.7, 3)
+    linear = torch.tensor(linear_map(method, matrix, 0.4), dtype=torch.float64)
+    for mu in ([0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.05, 0.9, 0.05]):
+        mu = torch.tensor(mu, dtype=torch.float64)
+        assert torch.allclose(linear @ mu, method.coefficients(matrix, mu, 0.4), atol=1e-12)

@@ -87,6 +87,25 @@ def test_manifest_validates_the_scale():
         StoreManifest.model_validate(_manifest(center=[float("nan"), 0]))
 
 
+def test_a_store_without_reward_scale_keeps_working():
+    """Manifests written before reward_scale and gamma_by_mode (the shipped demo store's, in
+    the checkout and as package data) still parse: rewards stay raw and every mode gets
+    defaults.gamma."""
+    from model_store.manifest import MANIFEST_NAME
+    from model_store.resources import demo_store_path
+
+    for folder in {Path(__file__).resolve().parents[1] / "demo" / "store", demo_store_path()}:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        StoreManifest.model_validate(data)  # as shipped
+        data.pop("reward_scale", None)
+        data["defaults"].pop("gamma_by_mode", None)
+        manifest = StoreManifest.model_validate(data)
+        assert manifest.reward_scale is None and RewardScale.from_manifest(manifest) is None
+        defaults = manifest.defaults
+        modes = ("none", "explicit", "explicit-ensemble", "implicit", "implicit-ensemble")
+        assert all(defaults.gamma_for(mode) == defaults.gamma for mode in modes)
+
+
 def test_backbone_trains_on_the_plain_weighted_sum_of_rescaled_rewards(base, tmp_path):
     """TRL logs each reward function's mean and the mean of w^T r~: with the scale applied
     to every function, those are the rescaled means, and h_i = w_i^T r~ exactly (Eq. 11)."""

@@ -1,0 +1,284 @@
+"""OpenAI-compatible request and response bodies (/v1/chat/completions, /v1/completions,
+/v1/models), validated as strictly as the TGI ones and with the same field types.
+
+Fields follow OpenAI's API reference. Those the server cannot honour are typed so that only
+their neutral value validates (penalties 0, no logit_bias, no tools, text responses), which
+/openapi.json says; server.errors names such a field as unsupported. The preference and
+guidance ride as extra fields (`preference`, `guidance`, `merge_method`, from
+server.schemas.Steering), the way vLLM takes its own sampling extras: with the `openai`
+client, `extra_body={"preference": {...}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from server.schemas import (
+    _STRICT,
+    CHARS_PER_TOKEN_BOUND,
+    TEMPERATURE_MAX,
+    OnlyOne,
+    RepetitionPenalty,
+    Seed,
+    Steering,
+    StopText,
+    Text,
+    TopK,
+    TopN,
+    TopP,
+    ZeroPenalty,
+    bounded_int,
+)
+from server.settings import ServerSettings
+
+N_MAX = 8
+"""Most choices per prompt (`n`), and most prompts per completion request: each choice is
+one engine request, and all of them decode in the same batched forward (up to N_MAX**2 per
+completion; past the queue's room the request gets 429 as a whole)."""
+NAME_MAX = 256
+"""Longest `model` or `user` string."""
+CHAT_ROLES = ("system", "user", "assistant", "developer")
+"""Roles accepted in OpenAI `messages` (developer is read as system)."""
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool | None = None
+    """Send a last chunk, before [DONE], with `usage` and no choices."""
+    include_obfuscation: bool | None = None
+    """Accepted and ignored (this server pads no chunks)."""
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    """Only text parts (no images or audio)."""
+    text: Text
+    """The text."""
+
+
+class ResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    """Only plain text (no JSON mode or schema)."""
+
+
+def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
+    """(chat body, completion body) with this server's limits."""
+    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    MaxTokens = bounded_int(ge=1, le=settings.max_new_tokens)  # noqa: N806 (a type)
+    Stops = Annotated[list[StopText], Field(max_length=settings.max_stop_sequences)]  # noqa: N806
+    Prompt = Annotated[Text, Field(min_length=1, max_length=max_chars)]  # noqa: N806
+
+    class ChatMessage(BaseModel):
+        model_config = _STRICT
+        role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
+        """system, user, assistant, or developer (read as system)."""
+        content: Annotated[Text, Field(max_length=max_chars)] | list[TextPart]
+        """Text, or text parts (joined)."""
+        name: Annotated[str, Field(max_length=NAME_MAX)] | None = None
+        """Accepted and ignored (the chat template has no names)."""
+        tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
+        """Accepted empty or null only (no tools)."""
+
+    class Common(Steering):
+        model_config = _STRICT
+        model: Annotated[str, Field(max_length=NAME_MAX)] | None = None
+        """Any name: the server serves one model, its store (GET /v1/models)."""
+        max_tokens: MaxTokens | None = None
+        """Tokens to generate at most per choice; omitted: the store's default."""
+        temperature: (
+            Annotated[float, Field(ge=0, le=TEMPERATURE_MAX, allow_inf_nan=False)] | None
+        ) = None
+        """Sampling temperature; below 0.01 (0 included) greedy; omitted: the store's
+        default (greedy, the paper's choice)."""
+        top_p: TopP | None = None
+        """Nucleus filter; turns sampling on."""
+        top_k: TopK | None = None
+        """Top-k filter (vLLM's extra); turns sampling on."""
+        seed: Seed | None = None
+        """Seed of choice 0; choice i samples with seed + i."""
+        stop: StopText | Stops | None = None
+        """Stop sequences; left out of the returned text, as OpenAI does."""
+        n: bounded_int(ge=1, le=N_MAX) | None = None
+        """Choices to generate (each with its own seed when sampling)."""
+        stream: bool | None = None
+        """Stream `data: {chunk}` events, ending with `data: [DONE]`."""
+        stream_options: StreamOptions | None = None
+        """Streaming options."""
+        repetition_penalty: RepetitionPenalty | None = None
+        """Penalise tokens already in the prompt or output (1: none; vLLM's and TGI's extra)."""
+        presence_penalty: ZeroPenalty | None = None
+        """Accepted at 0 only."""
+        frequency_penalty: ZeroPenalty | None = None
+        """Accepted at 0 only."""
+        logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
+        """Accepted empty or null only."""
+        user: Annotated[str, Field(max_length=NAME_MAX)] | None = None
+        """Accepted and ignored."""
+
+    class ChatCompletionBody(Common):
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {
+                        "messages": [{"role": "user", "content": "My flight was cancelled."}],
+                        "preference": {"relevance": 0.3, "positivity": 0.7},
+                    }
+                ]
+            },
+        )
+        messages: list[ChatMessage] = Field(min_length=1)
+        """The chat, rendered with the tokenizer's chat template."""
+        max_completion_tokens: MaxTokens | None = None
+        """Like max_tokens (and wins over it)."""
+        logprobs: bool | None = None
+        """Return each generated token's log-probability (guided distribution)."""
+        top_logprobs: TopN | None = None
+        """With logprobs: the n most likely tokens at each step."""
+        response_format: ResponseFormat | None = None
+        """Only {"type": "text"}."""
+        tools: Annotated[list[Any], Field(max_length=0)] | None = None
+        """Accepted empty or null only (no tool calling)."""
+        tool_choice: Literal["none", "auto"] | None = None
+        """Accepted as none or auto (there are no tools to call)."""
+        tool_prompt: Annotated[str, Field(max_length=max_chars)] | None = None
+        """TGI's extra, sent by InferenceClient; ignored (no tools)."""
+        parallel_tool_calls: bool | None = None
+        """Accepted and ignored (no tools)."""
+
+    class CompletionBody(Common):
+        model_config = ConfigDict(
+            **_STRICT,
+            json_schema_extra={
+                "examples": [
+                    {"prompt": "The best way to learn a language is", "preference": [1, 0]}
+                ]
+            },
+        )
+        prompt: Prompt | Annotated[list[Prompt], Field(min_length=1, max_length=N_MAX)]
+        """Raw text (no template), or several: choices are numbered prompt by prompt."""
+        logprobs: TopN | None = None
+        """Return log-probabilities, with this many alternatives per token."""
+        echo: bool | None = None
+        """Prepend the prompt to the returned text."""
+        best_of: OnlyOne | None = None
+        """Accepted at 1 only."""
+        suffix: None = None
+        """Accepted as null only (no insertion)."""
+
+    return ChatCompletionBody, CompletionBody
+
+
+# --- responses (documentation: what /openapi.json says the routes answer) -------------------
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class MageExtension(_Open):
+    """This server's extra field on every answer: what the preference became."""
+
+    preference: list[float]
+    """mu used, normalised onto the simplex, in objective order."""
+    lambda_: list[float] = Field(alias="lambda")
+    """lambda = B^-1 mu (or mu for the other merge methods), before alpha."""
+    guidance: dict[str, Any]
+    """{mode, gamma} used."""
+    merge_method: str
+    """bone-soup, rewarded-soup or direct."""
+    merge_cache_hit: bool
+    """Whether the plan for this preference came from the merge cache."""
+
+
+class Usage(_Open):
+    """Token counts."""
+
+    prompt_tokens: int
+    """Prompt tokens (after the chat template), summed over prompts."""
+    completion_tokens: int
+    """Generated tokens, summed over choices."""
+    total_tokens: int
+    """Their sum."""
+
+
+class _Answer(_Open):
+    """What chat and text completions share."""
+
+    id: str
+    """chatcmpl-... or cmpl-..."""
+    created: int
+    """Unix seconds."""
+    model: str
+    """The store's name."""
+    system_fingerprint: str
+    """mage-<version>."""
+    usage: Usage
+    """Token counts."""
+    mage: MageExtension
+    """Preference, lambda and guidance used."""
+
+
+class ChatCompletion(_Answer):
+    """A chat completion (non-streaming)."""
+
+    object: Literal["chat.completion"]
+    """Always chat.completion."""
+    choices: list[dict[str, Any]]
+    """{index, message: {role, content}, logprobs, finish_reason: stop | length}."""
+
+
+class Completion(_Answer):
+    """A text completion (non-streaming)."""
+
+    object: Literal["text_completion"]
+    """Always text_completion."""
+    choices: list[dict[str, Any]]
+    """{index, text, logprobs, finish_reason: stop | length}."""
+
+
+class ModelCard(_Open):
+    """The served store, as an OpenAI model."""
+
+    id: str
+    """The store's name."""
+    object: Literal["model"]
+    """Always model."""
+    created: int
+    """When the server started (Unix seconds)."""
+    owned_by: str
+    """Always mage."""
+
+
+class ModelList(_Open):
+    """GET /v1/models."""
+
+    object: Literal["list"]
+    """Always list."""
+    data: list[ModelCard]
+    """The one model."""
+
+
+class OpenAIErrorDetail(_Open):
+    """OpenAI's error object."""
+
+    message: str
+    """What went wrong, for people."""
+    type: str
+    """invalid_request_error (4xx), authentication_error (401), rate_limit_error (429),
+    server_error (5xx)."""
+    param: str | None
+    """The request field at fault, when one is."""
+    code: str
+    """This server's error_type: validation, unauthorized, overloaded, ..."""
+
+
+class OpenAIErrorBody(_Open):
+    """Every error on a /v1 route."""
+
+    error: OpenAIErrorDetail
+    """The error."""
