@@ -24,6 +24,7 @@ COMMAND_EXTRAS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("store", "build-demo"): ("train",),
     ("eval",): ("eval",),
     ("tune", "alpha"): ("eval",),
+    ("tune", "gamma"): ("eval",),
     ("tune", "beta"): ("train", "eval"),
 }
 """Subcommand (as typed, without options) -> the extras it needs; absent ones need none."""

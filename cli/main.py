@@ -150,9 +150,9 @@ def _build_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from training.common import TrainingError
-    from training.demo import DemoSettings, build_demo, quick
+    from training.demo import DEMO3, DemoSettings, build_demo, quick
 
-    settings = DemoSettings()
+    settings = DEMO3 if args.preset == "three" else DemoSettings()
     if args.backbone_steps:
         settings = replace(settings, backbone_steps=args.backbone_steps)
     settings = quick(settings) if args.quick else settings
@@ -184,11 +184,19 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     try:
         n = len(check_store(args.store).manifest.objectives)
-        prefs = parse_preferences(args.preferences) if args.preferences else preference_sweep(n)
+        prefs = (
+            parse_preferences(args.preferences)
+            if args.preferences
+            else preference_sweep(n, args.simplex_steps)
+        )
         rewards = tuple(args.rewards.split(",")) if args.rewards else None
         for name in ("batch_size", "beam_width", "beam_expansion", "beam_interval"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        gamma = None if args.gamma == "tuned" else float(args.gamma)
+        reference = (
+            tuple(float(v) for v in args.hv_reference.split(",")) if args.hv_reference else None
+        )
         config = EvalConfig(
             args.store,
             args.out,
@@ -196,11 +204,14 @@ def _eval(args: argparse.Namespace) -> int:
             prefs,
             args.split,
             args.limit,
-            args.gamma,
+            gamma,
             args.max_new_tokens,
             rewards,
             args.batch_size,
             BeamSettings(args.beam_width, args.beam_expansion, args.beam_interval),
+            gamma_one=not args.no_gamma_one,
+            hv_reference=reference,
+            replicates=args.replicates,
         )
         results = run_eval(config)
     except (StoreError, RewardError, ValueError) as exc:
@@ -213,7 +224,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     from evaluation.run import EvalConfig
-    from evaluation.tune import tune_alpha, tune_beta
+    from evaluation.tune import tune_alpha, tune_beta, tune_gamma
     from training.common import TrainingError
     from training.rewards import RewardError
 
@@ -221,7 +232,7 @@ def _tune(args: argparse.Namespace) -> int:
     rewards = tuple(args.rewards.split(",")) if args.rewards else None
     try:
         prefs = parse_preferences(args.preferences)
-        store = args.store if args.tune_command == "alpha" else Path(".")
+        store = args.store if args.tune_command in ("alpha", "gamma") else Path(".")
         cfg = EvalConfig(
             store,
             Path("."),
@@ -232,9 +243,13 @@ def _tune(args: argparse.Namespace) -> int:
             1.0,
             args.max_new_tokens,
             rewards,
+            args.batch_size,
         )
         if args.tune_command == "alpha":
-            result = tune_alpha(cfg, grid, write=args.write)
+            result = tune_alpha(cfg, grid, write=args.write, work=args.work)
+        elif args.tune_command == "gamma":
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+            result = tune_gamma(cfg, methods, grid, write=args.write, work=args.work)
         else:
             if not rewards:
                 raise ValueError("--rewards is required for beta tuning")
@@ -254,6 +269,8 @@ def _tune(args: argparse.Namespace) -> int:
     except (StoreError, RewardError, TrainingError, ValueError) as exc:
         print(f"mage tune {args.tune_command}: {exc}", file=sys.stderr)
         return 2
+    if getattr(args, "work", None):
+        (args.work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))  # one line, last: training logs may precede it
     return 0
 
@@ -302,10 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     demo.add_argument(
+        "--preset",
+        choices=("two", "three"),
+        default="two",
+        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3)",
+    )
+    demo.add_argument(
         "--backbone-steps",
         type=int,
         default=None,
-        help="GRPO steps per backbone (default 56; more steps resume training)",
+        help="GRPO steps per backbone (default 120; more steps resume training)",
     )
     demo.set_defaults(func=_build_demo)
     ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")
@@ -320,7 +343,26 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--rewards", default=None, help="reward spec per objective, comma-separated")
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts")
-    ev.add_argument("--gamma", type=float, default=1.0)
+    ev.add_argument(
+        "--gamma",
+        default="tuned",
+        help="guidance scale for every method, or 'tuned' (default): each method at its "
+        "store's tuned gamma (defaults.gamma_by_mode), and at gamma = 1 as <method>@g1",
+    )
+    ev.add_argument("--no-gamma-one", action="store_true", help="with tuned gammas: no @g1 runs")
+    ev.add_argument(
+        "--hv-reference",
+        default=None,
+        help="HV reference point, one value per objective (default: the store's "
+        "reward_scale.hv_reference)",
+    )
+    ev.add_argument(
+        "--simplex-steps",
+        type=int,
+        default=None,
+        help="default sweep: grid step 1/N (default 10 for two objectives, 4 for more)",
+    )
+    ev.add_argument("--replicates", type=int, default=2000, help="paired bootstrap replicates")
     ev.add_argument("--max-new-tokens", type=int, default=48)
     ev.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
     ev.add_argument("--beam-width", type=int, default=4, help="beam: b (beams kept)")
@@ -329,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
     tune = sub.add_parser("tune", help="choose alpha (Eq. 13) or beta (Eq. 12) by hypervolume")
     tune_sub = tune.add_subparsers(dest="tune_command", required=True)
-    for name, grid in (("alpha", "0.1,0.2,0.3,0.4,0.5"), ("beta", "0.6,0.7,0.8")):
+    for name, grid in (
+        ("alpha", "0,0.1,0.2,0.3,0.4,0.5,0.75,1"),
+        ("gamma", "0.1,0.2,1,3,5"),
+        ("beta", "0.6,0.7,0.8"),
+    ):
         cmd = tune_sub.add_parser(name)
         cmd.add_argument("--grid", default=grid, help=f"values to try (default {grid})")
         cmd.add_argument("--preferences", default="1,0;0.75,0.25;0.5,0.5;0.25,0.75;0,1")
@@ -339,11 +385,21 @@ def build_parser() -> argparse.ArgumentParser:
             "--limit", type=int, default=None, help="first N prompts (default: all; few are noisy)"
         )
         cmd.add_argument("--max-new-tokens", type=int, default=32)
+        cmd.add_argument("--batch-size", type=int, default=16, help="prompts per forward pass")
         cmd.set_defaults(func=_tune)
-        if name == "alpha":
+        if name in ("alpha", "gamma"):
             cmd.add_argument("--store", type=Path, required=True)
-            cmd.add_argument("--write", action="store_true", help="write the chosen alpha")
-        else:
+            cmd.add_argument("--write", action="store_true", help=f"write the chosen {name}")
+            cmd.add_argument(
+                "--work", type=Path, default=None, help="keep the responses here (resumable)"
+            )
+        if name == "gamma":
+            cmd.add_argument(
+                "--methods",
+                default="mage-e,mage-e-m,mage-i,mage-i-m",
+                help="guided methods; each one's choice becomes its mode's default",
+            )
+        if name == "beta":
             cmd.add_argument("--base", type=Path, required=True, help="HF base model folder")
             cmd.add_argument("--work", type=Path, required=True, help="folder for the trial stores")
             cmd.add_argument("--steps", type=int, default=10, help="steps per backbone (short)")

@@ -6,12 +6,13 @@ Every method decodes greedily with the same settings through the serving code's 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from guidance.plan import build_plan
-from guidance.search import BeamSettings, beam_lookahead, greedy_generate
+from guidance.search import PAPER_BEAMS, BeamSettings, beam_lookahead, greedy_generate
 from model_store.loader import LoadedStore
 
 
@@ -32,18 +33,39 @@ class EvalMethod:
     """Merge of the implicit pi* when it differs from the policy's (MAGE-I-M')."""
     beam: bool = False
     """Guided beam lookahead (Sec. 5.6.2) instead of greedy decoding."""
+    beam_settings: BeamSettings | None = None
+    """The beam's fixed b, c, l (the paper's named configurations); None: the run's flags."""
+    implicit_mix: str = "lambda"
+    """Weights of the MAGE-I ensemble's implicit values: lambda = B^-1 mu (Eq. 11-12), or
+    mu (the earlier weighting, kept as the `mage-i-mu` ablation)."""
+    alpha: float | None = None
+    """Eq. (13)'s alpha for this method instead of the store's (Bone Soup at alpha = 0)."""
 
 
 METHODS: dict[str, EvalMethod] = {
     "rewarded-soup": EvalMethod("rewarded-soup", "none", "Rame et al. 2023: specialists, B = I"),
+    "rewarded-soup-a": EvalMethod(
+        "rewarded-soup-alpha", "none", "ablation: Rewarded Soup extrapolated by the store's alpha"
+    ),
     "bone-soup": EvalMethod("bone-soup", "none", "Stage 1: lambda = B^-1 mu, Eq. (13)"),
+    "bone-soup-a0": EvalMethod(
+        "bone-soup", "none", "ablation: Bone Soup without extrapolation (alpha = 0)", alpha=0.0
+    ),
     "direct": EvalMethod("direct", "none", "Sec. 5.6.3 'aba': backbones with lambda = mu"),
     "mod": EvalMethod(
         "rewarded-soup", "none", "Shi et al. 2024: sum_i mu_i log pi_i", policy="logit-ensemble"
     ),
     "mage-e": EvalMethod("bone-soup", "explicit-ensemble", "MAGE-E: sum_i mu_i V_i"),
     "mage-e-m": EvalMethod("bone-soup", "explicit", "MAGE-E-M: merged value model, Eq. (24)"),
-    "mage-i": EvalMethod("bone-soup", "implicit-ensemble", "MAGE-I: sum_i mu_i log pi*_i/pi_ref"),
+    "mage-i": EvalMethod(
+        "bone-soup", "implicit-ensemble", "MAGE-I: sum_i lambda_i log pi*_i/pi_ref, Eq. 11-12"
+    ),
+    "mage-i-mu": EvalMethod(
+        "bone-soup",
+        "implicit-ensemble",
+        "ablation: MAGE-I weighted by mu, i.e. (B mu)^T r instead of mu^T r",
+        implicit_mix="mu",
+    ),
     "mage-i-m": EvalMethod("bone-soup", "implicit", "MAGE-I-M: pi* = Bone Soup merge"),
     "mage-i-m-naive": EvalMethod(
         "bone-soup",
@@ -64,7 +86,25 @@ METHODS: dict[str, EvalMethod] = {
     "beam": EvalMethod(
         "bone-soup", "implicit", "Sec. 5.6.2: MAGE-I-M with beam lookahead", beam=True
     ),
+    **{
+        f"beam-{name}": EvalMethod(
+            "bone-soup", "implicit", f"Table 4: MAGE-I-M-{name}", beam=True, beam_settings=s
+        )
+        for name, s in PAPER_BEAMS.items()
+    },
 }
+
+
+def with_alpha(store: LoadedStore, alpha: float) -> LoadedStore:
+    """The same loaded store (nothing copied) with another alpha of Eq. (13)."""
+    manifest = store.checked.manifest.model_copy(update={"alpha": alpha})
+    return dataclasses.replace(store, checked=dataclasses.replace(store.checked, manifest=manifest))
+
+
+def method_store(store: LoadedStore, method: str) -> LoadedStore:
+    """The store as `method` decodes it: its own alpha where it fixes one."""
+    alpha = METHODS[method].alpha
+    return store if alpha is None else with_alpha(store, alpha)
 
 
 def generate_batch(
@@ -86,10 +126,12 @@ def generate_batch(
         spec.merge,
         policy=spec.policy,
         pistar_merge=spec.pistar_merge,
+        implicit_mix=spec.implicit_mix,
     )
     if not spec.beam:
         return greedy_generate(store, plan, prompts, max_new_tokens, gamma)
-    found = beam_lookahead(store, plan, prompts, max_new_tokens, gamma, eos_ids, beam)
+    settings = spec.beam_settings or beam
+    found = beam_lookahead(store, plan, prompts, max_new_tokens, gamma, eos_ids, settings)
     return [tokens for tokens, _ in found]
 
 

@@ -1,9 +1,15 @@
 """`mage eval`: generate for test prompts under preference sweeps, score, summarise.
 
 Generations run in-process through the serving code's plans, many prompts per forward
-(guidance.batch), one cached JSON line per (method, preference, prompt) so an interrupted
-run resumes. Each line keeps its share of the batch's seconds and its token count, so the
-runtime per generated token of each method (Figure 11) survives resumes too.
+(guidance.batch), one cached JSON line per (method, gamma, preference, prompt) so an
+interrupted run resumes. Each line keeps its share of the batch's seconds and its token
+count, so the runtime per generated token of each method (Figure 11) survives resumes too.
+
+Each guided method runs at its store's tuned gamma (`defaults.gamma_by_mode`, written by
+`mage tune gamma`) and, for reference, at gamma = 1 (label `<method>@g1`). Rewards are
+reported on the store's fixed scale r~ (training/scale.py) with raw means beside them; every
+per-prompt reward is kept in results.json, and HV and controllability carry paired bootstrap
+intervals over prompts (evaluation/stats.py) against a fixed reference point.
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.methods import METHODS, decode, generate_batch
-from evaluation.metrics import chord_gaps, default_reference_point, summarise_front
+from evaluation.methods import METHODS, decode, generate_batch, method_store
+from evaluation.metrics import chord_gaps, summarise_front
 from evaluation.plot import plot_fronts
+from evaluation.report import markdown_table
 from evaluation.resources import PeakMemory
+from evaluation.stats import bootstrap, default_pairs, differences, method_intervals
 from guidance.search import BeamSettings
 from model_store.loader import LoadedStore, load_store
 from training.common import encode_prompt
 from training.prompts import load_prompts
 from training.rewards import get_reward
+from training.scale import RewardScale
 
 __all__ = ["METHODS", "EvalConfig", "preference_sweep", "run_eval"]
 
@@ -45,8 +54,8 @@ class EvalConfig:
     """Prompt split."""
     limit: int | None = None
     """First N prompts only."""
-    gamma: float = 1.0
-    """Guidance scale."""
+    gamma: float | None = None
+    """Guidance scale for every method; None: each method at its store's tuned gamma."""
     max_new_tokens: int = 48
     """Tokens per response (greedy)."""
     rewards: tuple[str, ...] | None = None
@@ -54,11 +63,21 @@ class EvalConfig:
     batch_size: int = 16
     """Prompts per forward pass."""
     beam: BeamSettings = field(default_factory=BeamSettings)
-    """b, c, l of the `beam` method."""
+    """b, c, l of the `beam` method (the `beam-bXcYlZ` methods have their own)."""
+    gamma_one: bool = True
+    """With tuned gammas, also run every guided method whose tuned gamma is not 1 at
+    gamma = 1 (label `<method>@g1`)."""
+    hv_reference: tuple[float, ...] | None = None
+    """HV reference point on the reported scale; None: the store's
+    reward_scale.hv_reference (a store without one needs it given)."""
+    replicates: int = 2000
+    """Paired bootstrap replicates over prompts."""
 
 
-def preference_sweep(n_objectives: int, steps: int = 10) -> tuple[tuple[float, ...], ...]:
-    """(0, .1, ..., 1) pairs for two objectives; the simplex grid of step 1/steps otherwise."""
+def preference_sweep(n_objectives: int, steps: int | None = None) -> tuple[tuple[float, ...], ...]:
+    """(1, 0), (0.9, 0.1), ..., (0, 1) for two objectives (steps 10); the simplex grid of
+    step 1/steps otherwise (default 4: 15 points for three objectives)."""
+    steps = steps or (10 if n_objectives == 2 else 4)
     if n_objectives == 2:
         return tuple((round(1 - i / steps, 6), round(i / steps, 6)) for i in range(steps + 1))
     grid = []
@@ -74,18 +93,51 @@ def preference_sweep(n_objectives: int, steps: int = 10) -> tuple[tuple[float, .
     return tuple(grid)
 
 
+def method_gamma(store: LoadedStore, method: str, fixed: float | None = None) -> float:
+    """The gamma a method runs at: `fixed` if given, else its mode's tuned gamma."""
+    if fixed is not None:
+        return fixed
+    return store.checked.manifest.defaults.gamma_for(METHODS[method].mode)
+
+
+def variants(store: LoadedStore, cfg: EvalConfig) -> dict[str, tuple[str, float]]:
+    """label -> (method, gamma): each method at its gamma, plus `<method>@g1` where a tuned
+    gamma differs from 1 (Stage 1 methods take no guidance: one label, gamma unused)."""
+    out: dict[str, tuple[str, float]] = {}
+    for method in cfg.methods:
+        guided = METHODS[method].mode != "none"
+        gamma = method_gamma(store, method, cfg.gamma) if guided else 1.0
+        out[method] = (method, gamma)
+        if guided and cfg.gamma is None and cfg.gamma_one and gamma != 1.0:
+            out[f"{method}@g1"] = (method, 1.0)
+    return out
+
+
 def generate_texts(
-    store: LoadedStore, method: str, mu, ids: list[list[int]], cfg: EvalConfig, eos: set[int]
+    store: LoadedStore,
+    method: str,
+    mu,
+    ids: list[list[int]],
+    cfg: EvalConfig,
+    eos: set[int],
+    gamma: float | None = None,
 ) -> list[tuple[str, int]]:
-    """(response, generated tokens) per prompt, in batches of cfg.batch_size."""
+    """(response, generated tokens) per prompt, in batches of cfg.batch_size; `gamma`
+    defaults to the method's gamma under cfg."""
+    gamma = method_gamma(store, method, cfg.gamma) if gamma is None else gamma
+    decoding = method_store(store, method)
     out: list[tuple[str, int]] = []
     for first in range(0, len(ids), cfg.batch_size):
         chunk = ids[first : first + cfg.batch_size]
         for tokens in generate_batch(
-            store, method, tuple(mu), chunk, cfg.max_new_tokens, cfg.gamma, eos, cfg.beam
+            decoding, method, tuple(mu), chunk, cfg.max_new_tokens, gamma, eos, cfg.beam
         ):
             out.append((decode(store, tokens), len(tokens)))
     return out
+
+
+def _key(method: str, gamma: float, mu, prompt_id: str) -> tuple:
+    return (method, round(float(gamma), 6), tuple(mu), prompt_id)
 
 
 def _read_cache(path: Path) -> dict:
@@ -93,37 +145,38 @@ def _read_cache(path: Path) -> dict:
     if path.is_file():
         for line in path.read_text().splitlines():
             row = json.loads(line)
-            done[(row["method"], tuple(row["preference"]), row["id"])] = row
+            done[_key(row["method"], row.get("gamma", 1.0), row["preference"], row["id"])] = row
     return done
 
 
-def _generate_all(cfg, store, prompts, done, cache, progress) -> dict[str, dict]:
-    """Fill the cache; returns the peak memory of each method that generated anything."""
+def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str, dict]:
+    """Fill the cache; returns the peak memory of each label that generated anything."""
     eos = store.eos_ids
     ids = {p["id"]: encode_prompt(store.tokenizer, p["prompt"]) for p in prompts}
     total = sum(
-        (m, tuple(mu), p["id"]) not in done
-        for m in cfg.methods
+        _key(m, g, mu, p["id"]) not in done
+        for m, g in runs.values()
         for mu in cfg.preferences
         for p in prompts
     )
     memory: dict[str, dict] = {}
     bar = tqdm(total=total, desc="generating", unit="resp", disable=total == 0)
-    for method in cfg.methods:
+    for label, (method, gamma) in runs.items():
         with PeakMemory(store.device) as peak:
             generated = 0
             for mu in cfg.preferences:
-                todo = [p for p in prompts if (method, tuple(mu), p["id"]) not in done]
+                todo = [p for p in prompts if _key(method, gamma, mu, p["id"]) not in done]
                 for first in range(0, len(todo), cfg.batch_size):
                     chunk = todo[first : first + cfg.batch_size]
                     t0 = time.perf_counter()
                     texts = generate_texts(
-                        store, method, mu, [ids[p["id"]] for p in chunk], cfg, eos
+                        store, method, mu, [ids[p["id"]] for p in chunk], cfg, eos, gamma
                     )
                     share = (time.perf_counter() - t0) / len(chunk)
                     for p, (text, tokens) in zip(chunk, texts, strict=True):
                         row = {
                             "method": method,
+                            "gamma": gamma,
                             "preference": list(mu),
                             "id": p["id"],
                             "prompt": p["prompt"],
@@ -132,15 +185,30 @@ def _generate_all(cfg, store, prompts, done, cache, progress) -> dict[str, dict]
                             "seconds": round(share, 4),
                         }
                         cache.write(json.dumps(row) + "\n")
-                        done[(method, tuple(mu), p["id"])] = row
+                        done[_key(method, gamma, mu, p["id"])] = row
                     cache.flush()
                     generated += len(chunk)
                     bar.update(len(chunk))
         if generated:
-            memory[method] = {"peak_mib": peak.mib, "measure": peak.kind}
-            progress(f"{method}: {generated} responses, peak {peak.mib} MiB ({peak.kind})")
+            memory[label] = {"peak_mib": peak.mib, "measure": peak.kind}
+            progress(f"{label}: {generated} responses, peak {peak.mib} MiB ({peak.kind})")
     bar.close()
     return memory
+
+
+def reference_point(store: LoadedStore, cfg: EvalConfig) -> tuple[np.ndarray, str]:
+    """The fixed HV reference: given, or the store's; never derived from the fronts."""
+    if cfg.hv_reference is not None:
+        if len(cfg.hv_reference) != store.n_objectives:
+            raise ValueError(f"--hv-reference needs {store.n_objectives} values")
+        return np.array(cfg.hv_reference, dtype=np.float64), "given (--hv-reference)"
+    spec = store.checked.manifest.reward_scale
+    if spec is None:
+        raise ValueError(
+            "this store has no reward_scale (and so no fixed HV reference point); "
+            "pass --hv-reference with one value per objective"
+        )
+    return np.array(spec.hv_reference, dtype=np.float64), "the store's reward_scale.hv_reference"
 
 
 def run_eval(cfg: EvalConfig, progress=print) -> dict:
@@ -151,100 +219,91 @@ def run_eval(cfg: EvalConfig, progress=print) -> dict:
     specs = list(cfg.rewards or store.objectives)
     if len(specs) != store.n_objectives:
         raise ValueError(f"--rewards: {len(specs)} given for {store.n_objectives} objectives")
+    reference, source = reference_point(store, cfg)
     prompts = load_prompts(cfg.split)[: cfg.limit]
+    runs = variants(store, cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cache_path, memory_path = cfg.out / "generations.jsonl", cfg.out / "memory.json"
     done = _read_cache(cache_path)
     memory = json.loads(memory_path.read_text()) if memory_path.is_file() else {}
     started = time.monotonic()
     with cache_path.open("a") as cache:
-        memory.update(_generate_all(cfg, store, prompts, done, cache, progress))
+        memory.update(_generate_all(cfg, store, runs, prompts, done, cache, progress))
     memory_path.write_text(json.dumps(memory, indent=2) + "\n")
-    results = score(cfg, store.objectives, specs, prompts, done)
-    for method in cfg.methods:
-        results["metrics"][method]["peak_mib"] = memory.get(method, {}).get("peak_mib")
+    seconds = round(time.monotonic() - started)
+    scale = RewardScale.from_manifest(store.checked.manifest)
+    results = score(cfg, store.objectives, specs, prompts, done, runs, scale, reference)
+    results["reference_source"] = source
+    for label in runs:
+        results["metrics"][label]["peak_mib"] = memory.get(label, {}).get("peak_mib")
     results["device"] = str(store.device)
-    results["seconds_generating"] = round(time.monotonic() - started)
-    (cfg.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["seconds_generating"] = seconds
+    (cfg.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (cfg.out / "table.md").write_text(markdown_table(results))
     plot_fronts(results, cfg.out / "fronts.png")
     return results
 
 
+def per_prompt_rewards(specs, prompts, done, method, gamma, preferences) -> np.ndarray:
+    """Raw rewards (preferences N, prompts P, objectives n) of one (method, gamma)."""
+    rows = []
+    for mu in preferences:
+        chosen = [done[_key(method, gamma, mu, p["id"])] for p in prompts]
+        texts, responses = [r["prompt"] for r in chosen], [r["response"] for r in chosen]
+        rows.append(np.array([get_reward(s)(texts, responses) for s in specs]).T)
+    return np.stack(rows)
+
+
 def score(
-    cfg: EvalConfig, objectives: list[str], specs: list[str], prompts: list[dict], done: dict
+    cfg: EvalConfig,
+    objectives: list[str],
+    specs: list[str],
+    prompts: list[dict],
+    done: dict,
+    runs: dict[str, tuple[str, float]],
+    scale: RewardScale | None,
+    reference: np.ndarray,
 ) -> dict:
-    """Mean reward per objective for each (method, preference), and front metrics."""
-    means: dict[str, list[list[float]]] = {}
-    for method in cfg.methods:
-        rows = []
-        for mu in cfg.preferences:
-            chosen = [done[(method, tuple(mu), p["id"])] for p in prompts]
-            prompts_ = [r["prompt"] for r in chosen]
-            responses = [r["response"] for r in chosen]
-            rows.append([float(np.mean(get_reward(s)(prompts_, responses))) for s in specs])
-        means[method] = rows
-    reference = default_reference_point(*[np.array(v) for v in means.values()])
+    """Per-prompt rewards, mean fronts (rescaled and raw), front metrics and paired
+    bootstrap intervals for each (label -> (method, gamma))."""
+    scale = scale or RewardScale.identity(len(objectives))
     prefs = np.array(cfg.preferences)
-    summary = {m: summarise_front(np.array(v), prefs, reference) for m, v in means.items()}
-    for method in cfg.methods:
+    raw = {
+        label: per_prompt_rewards(specs, prompts, done, m, g, cfg.preferences)
+        for label, (m, g) in runs.items()
+    }
+    scaled = {label: scale.apply_rows(arr) for label, arr in raw.items()}
+    means = {label: arr.mean(axis=1) for label, arr in scaled.items()}
+    summary = {label: summarise_front(front, prefs, reference) for label, front in means.items()}
+    for label, (method, _) in runs.items():
         if method.startswith("lmc-") and len(objectives) == 2 and len(prefs) > 2:
-            summary[method]["lmc"] = chord_gaps(np.array(means[method]), prefs)
-    for method in cfg.methods:  # Figure 11: seconds per generated token, batched as run
-        rows = [done[(method, tuple(mu), p["id"])] for mu in cfg.preferences for p in prompts]
+            summary[label]["lmc"] = chord_gaps(means[label], prefs)
+    for label, (method, gamma) in runs.items():  # Figure 11: seconds per generated token
+        rows = [done[_key(method, gamma, mu, p["id"])] for mu in cfg.preferences for p in prompts]
         tokens = sum(r.get("tokens", 0) for r in rows)
         seconds = sum(r.get("seconds", 0.0) for r in rows)
-        summary[method]["ms_per_token"] = round(1000 * seconds / tokens, 3) if tokens else None
+        summary[label]["ms_per_token"] = round(1000 * seconds / tokens, 3) if tokens else None
+        summary[label]["tokens"] = tokens
+        summary[label]["seconds"] = round(seconds, 1)
+    # lmc-* are diagnostics: they never move the reference, and take no part in the pairs
+    compared = {k: v for k, v in scaled.items() if not runs[k][0].startswith("lmc-")}
+    reps = bootstrap(compared, prefs, reference, cfg.replicates)
+    for label, ci in method_intervals(reps).items():
+        summary[label].update({"hv_ci": ci["hv"], "controllability_ci": ci["controllability"]})
     return {
         "objectives": objectives,
         "preferences": [list(p) for p in cfg.preferences],
         "prompts": len(prompts),
+        "prompt_ids": [p["id"] for p in prompts],
         "split": cfg.split,
-        "gamma": cfg.gamma,
         "max_new_tokens": cfg.max_new_tokens,
+        "variants": {label: {"method": m, "gamma": g} for label, (m, g) in runs.items()},
+        "reward_scale": {"center": list(scale.center), "scale": list(scale.scale)},
         "reference_point": reference.tolist(),
-        "mean_rewards": means,
+        "mean_rewards": {k: np.round(v, 5).tolist() for k, v in means.items()},
+        "mean_raw_rewards": {k: np.round(v.mean(axis=1), 5).tolist() for k, v in raw.items()},
+        "per_prompt_raw_rewards": {k: np.round(v, 5).tolist() for k, v in raw.items()},
         "metrics": summary,
+        "comparisons": differences(reps, summary, default_pairs(compared)),
+        "bootstrap": {"replicates": cfg.replicates, "level": 0.95, "unit": "prompts, paired"},
     }
-
-
-def markdown_table(results: dict) -> str:
-    objectives = results["objectives"]
-    head = "| method | preference | " + " | ".join(f"mean {o}" for o in objectives) + " |"
-    lines = [head, "|" + "---|" * (2 + len(objectives))]
-    for method, rows in results["mean_rewards"].items():
-        for mu, row in zip(results["preferences"], rows, strict=True):
-            values = " | ".join(f"{v:.3f}" for v in row)
-            lines.append(f"| {method} | {tuple(mu)} | {values} |")
-    lines += [
-        "",
-        "| method | HV | inner product | sparsity | spacing | front | ctrl | ms/token | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def opt(value, fmt: str) -> str:
-        return "n/a" if value is None else format(value, fmt)
-
-    for method, m in results["metrics"].items():
-        lines.append(
-            f"| {method} | {m['hv']:.4f} | {m['inner_product']:.4f} | "
-            f"{m['sparsity']:.4f} | {m['spacing']:.4f} | {m['front_length']} | "
-            f"{m['controllability']:.3f} | {opt(m.get('ms_per_token'), '.1f')} | "
-            f"{opt(m.get('peak_mib'), '.0f')} |"
-        )
-    lmc = {method: m["lmc"] for method, m in results["metrics"].items() if "lmc" in m}
-    if lmc:
-        names = results["objectives"]
-        lines += [
-            "",
-            "| LMC (Observation 3) | "
-            + " | ".join(f"{o}: share above chord, mean gap" for o in names)
-            + " |",
-            "|---|---|---|",
-        ]
-        for method, gap in lmc.items():
-            cells = " | ".join(
-                f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f}" for k in range(2)
-            )
-            lines.append(f"| {method} | {cells} |")
-    return "\n".join(lines) + "\n"

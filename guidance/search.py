@@ -16,6 +16,7 @@ from guidance.batch import Batch
 from guidance.engine import Engine, EngineConfig
 from guidance.plan import DecodePlan
 from guidance.requests import ErrorEvent, GenerationRequest, SamplingParams
+from guidance.sampling import warp
 from model_store.loader import LoadedStore
 
 
@@ -55,7 +56,8 @@ def greedy_generate(
 
 @dataclass(frozen=True)
 class BeamSettings:
-    """Guided beam lookahead of Sec. 5.6.2 ("MAGE-I-M-b4c1l10")."""
+    """Guided beam lookahead of Sec. 5.6.2 ("MAGE-I-M-b4c1l10"); chunks are sampled with the
+    decoding parameters of Sec. 5.2.2: temperature 1.0, top-k 50, nucleus top-p 0.9."""
 
     width: int = 4
     """b: beams kept after each chunk."""
@@ -65,6 +67,30 @@ class BeamSettings:
     """l: tokens per chunk between two selections."""
     seed: int = 0
     """Seed of the chunk sampling."""
+    temperature: float = 1.0
+    """Temperature of the chunk sampling (Sec. 5.2.2: 1.0)."""
+    top_k: int | None = 50
+    """Top-k filter of the chunk sampling (Sec. 5.2.2: 50; None: off)."""
+    top_p: float | None = 0.9
+    """Nucleus threshold of the chunk sampling (Sec. 5.2.2: 0.9; None: off)."""
+
+    @property
+    def name(self) -> str:
+        """The paper's label of this configuration, e.g. "b4c1l10" (Table 4)."""
+        return f"b{self.width}c{self.expansion}l{self.interval}"
+
+
+PAPER_BEAMS: dict[str, BeamSettings] = {
+    s.name: s
+    for s in (
+        BeamSettings(2, 1, 5),
+        BeamSettings(2, 2, 5),
+        BeamSettings(2, 1, 10),
+        BeamSettings(2, 2, 10),
+        BeamSettings(4, 1, 10),
+    )
+}
+"""The configurations of the paper's Table 4, by label."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +110,8 @@ def beam_lookahead(
 ) -> list[tuple[list[int], float]]:
     """Chunk-level beam search for several prompts in one batch: every beam samples
     `expansion` continuations of `interval` tokens from the guided distribution
-    softmax(log pi + gamma V) (Eq. 25); per prompt, the `width` best-scoring candidates
+    softmax(log pi + gamma V) (Eq. 25), warped by the settings' temperature, top-k and top-p
+    (transformers' rules, as the server samples); per prompt, the `width` best-scoring candidates
     survive each chunk. A beam's score is its summed log pi*/pi_ref under implicit guidance
     (the implicit reward of Eq. 23, as in weak-to-strong search), its latest value under
     explicit guidance (Eq. 16 trains V to predict the final reward), else its log pi.
@@ -100,6 +127,7 @@ def beam_lookahead(
     batch.keep(start)
     beams: list[list[int]] = [[] for _ in start]
     scores, done = [0.0] * len(start), [False] * len(start)
+    warping = [SamplingParams(settings.temperature, settings.top_k, settings.top_p)]
     replaces = bool(plan.values)
     by_value = bool(plan.values) or plan.reference_row is not None
 
@@ -110,7 +138,8 @@ def beam_lookahead(
 
     while True:
         for _ in range(settings.interval):
-            probs = torch.softmax(policy + gamma * value, -1).cpu()  # (beams, vocab)
+            guided = torch.log_softmax((policy + gamma * value).float(), -1)
+            probs = torch.softmax(warp(guided, warping * len(beams)), -1).cpu()  # (beams, vocab)
             drawn = torch.multinomial(probs, 1, generator=generator)[:, 0]
             scored = value if by_value else policy
             increments = scored.gather(1, drawn.to(scored.device)[:, None])[:, 0].tolist()

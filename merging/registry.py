@@ -38,6 +38,11 @@ def _rewarded_soup(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torc
     return solve_lambda(torch.eye(len(mu), dtype=torch.float64), mu)
 
 
+def _rewarded_soup_alpha(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
+    # Eq. (13) on Rewarded Soup: separates what the extrapolation adds from what B^-1 adds.
+    return bone_soup_coefficients(torch.eye(len(mu), dtype=torch.float64), mu, alpha)
+
+
 MERGE_METHODS: dict[str, MergeMethod] = {
     method.name: method
     for method in (
@@ -61,9 +66,21 @@ MERGE_METHODS: dict[str, MergeMethod] = {
 }
 
 
+ABLATION_MERGE_METHODS: dict[str, MergeMethod] = {
+    "rewarded-soup-alpha": MergeMethod(
+        "rewarded-soup-alpha",
+        "evaluation ablation: Rewarded Soup's lambda = mu, then Eq. (13) extrapolation by alpha",
+        _rewarded_soup_alpha,
+        adapters="specialists",
+    )
+}
+"""Merges evaluation compares but the server does not offer (its schema lists
+MERGE_METHODS only)."""
+
+
 def get_merge_method(name: str) -> MergeMethod:
     """Look up a merging method by name, with a message listing the known ones."""
     try:
-        return MERGE_METHODS[name]
+        return MERGE_METHODS.get(name) or ABLATION_MERGE_METHODS[name]
     except KeyError:
         raise KeyError(f"unknown merge method {name!r}; known: {sorted(MERGE_METHODS)}") from None

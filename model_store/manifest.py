@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -85,6 +86,56 @@ class DefaultsSpec(_Strict):
     """Nucleus sampling threshold when sampling."""
     top_k: int | None = None
     """Top-k filter when sampling."""
+    gamma_by_mode: dict[GuidanceMode, float] = Field(default_factory=dict)
+    """Tuned gamma of Eq. (25) per guidance mode (`mage tune gamma --write`, chosen by
+    hypervolume on validation prompts over the paper's grid, Sec. 5.2.2); a request that names
+    a mode but no gamma takes its mode's entry, else `gamma`. Explicit V is in rescaled-reward
+    units and implicit V in nats, so one gamma cannot suit every mode."""
+
+    @model_validator(mode="after")
+    def _gammas_in_range(self) -> DefaultsSpec:
+        for mode, gamma in self.gamma_by_mode.items():
+            if not (math.isfinite(gamma) and 0.0 <= gamma <= 100.0):
+                raise ValueError(f"defaults.gamma_by_mode[{mode!r}] = {gamma}: must be in [0, 100]")
+        return self
+
+    def gamma_for(self, mode: str) -> float:
+        """The gamma a request in `mode` gets when it names none."""
+        return self.gamma_by_mode.get(mode, self.gamma)  # type: ignore[call-overload]
+
+
+class RewardScaleSpec(_Strict):
+    """A fixed affine scale per objective, r~_j = (r_j - center_j) / scale_j, computed once from
+    base-model samples on the training prompts. Backbones and specialists are trained on the
+    plain weighted sum w_i^T r~, so h_i = w_i^T r~ holds exactly (Eq. 11) and
+    sum_i lambda_i h_i = mu^T r~ for lambda = B^-1 mu (Eq. 12); evaluation reports rewards on
+    this scale."""
+
+    center: list[float]
+    """Per objective (objective order): the mean reward of the base samples."""
+    scale: list[float]
+    """Per objective: the standard deviation of the base samples' rewards (> 0)."""
+    hv_reference: list[float]
+    """Hypervolume reference point (Eq. 27) on the rescaled scale, per objective: fixed with
+    the store, so it never depends on the methods compared."""
+    samples: int = Field(ge=2)
+    """Number of base responses the statistics come from."""
+    source: str = ""
+    """How the samples were drawn (model, prompts, decoding), for the record."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RewardScaleSpec:
+        n = len(self.center)
+        if n == 0 or len(self.scale) != n or len(self.hv_reference) != n:
+            raise ValueError(
+                "reward_scale.center, .scale and .hv_reference need one value per objective"
+            )
+        values = [*self.center, *self.scale, *self.hv_reference]
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError("reward_scale values must be finite")
+        if min(self.scale) <= 0:
+            raise ValueError(f"reward_scale.scale must be > 0, got {self.scale}")
+        return self
 
 
 class StoreManifest(_Strict):
@@ -110,5 +161,17 @@ class StoreManifest(_Strict):
     """Value models available for Stage 2."""
     defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
     """Per-request defaults."""
+    reward_scale: RewardScaleSpec | None = None
+    """Fixed reward scale per objective (training and evaluation); None: raw rewards."""
     checksums: dict[str, str] = Field(default_factory=dict)
     """sha256 (hex) of every weight file inside the store folder, by relative path."""
+
+    @model_validator(mode="after")
+    def _scale_matches_objectives(self) -> StoreManifest:
+        scale = self.reward_scale
+        if scale is not None and len(scale.center) != len(self.objectives):
+            raise ValueError(
+                f"reward_scale has {len(scale.center)} values per field for "
+                f"{len(self.objectives)} objectives"
+            )
+        return self

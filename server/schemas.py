@@ -149,7 +149,8 @@ class GuidanceParameters(BaseModel):
     mode: GuidanceMode | None = None
     """Guidance mode; omitted: the store's default. /info lists the store's modes."""
     gamma: Annotated[float, Field(ge=0, le=GAMMA_MAX, allow_inf_nan=False)] | None = None
-    """Guidance scale gamma of Eq. (25); omitted: the store's default."""
+    """Guidance scale gamma of Eq. (25); omitted: the store's tuned gamma for the mode
+    (defaults.gamma_by_mode), else its default gamma."""
 
 
 class Steering(BaseModel):

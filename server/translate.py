@@ -200,7 +200,8 @@ def build_request(
             None,
             "guidance",
         )
-    gamma = guidance.gamma if guidance and guidance.gamma is not None else defaults.gamma
+    named = guidance.gamma if guidance else None
+    gamma = named if named is not None else defaults.gamma_for(mode)  # tuned per mode
     ids = tokenize_prompt(prompt, store, settings, options.truncate)
     max_new = options.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
     context = getattr(store.model.config, "max_position_embeddings", None)

@@ -50,6 +50,8 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
         "2",
         "--beam-interval",
         "2",
+        "--hv-reference",
+        "0,0",
     ]
     methods = {"bone-soup", "mage-e-m", "mage-i", "rewarded-soup", "mod", "mage-i-m-naive", "beam"}
     assert mage(args) == 0
@@ -61,7 +63,7 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
     assert len(lines) == len(methods) * 3 * 2
     assert all(0 < row["tokens"] <= 4 and row["seconds"] > 0 for row in lines)
     table = (tmp_path / "ev/table.md").read_text()
-    assert "| mage-e-m | (0.5, 0.5) |" in table and "ms/token" in table
+    assert "| mage-e-m | 1 | (0.5, 0.5) |" in table and "ms/token" in table
     for m in results["metrics"].values():
         assert m["front_length"] >= 1 and m["hv"] >= 0
         assert m["ms_per_token"] > 0 and m["peak_mib"] > 0

@@ -40,6 +40,7 @@ INSTALLS = {
     "training.backbone": ("train", "dev"),
     "training.sampling": ("train", "dev"),
     "training.value": ("train", "dev"),
+    "training.value_curve": ("train", "dev"),
     "training.demo": ("train", "dev"),
     "training.rewards": ("train", "eval", "dev"),
     "evaluation": ("eval", "dev"),

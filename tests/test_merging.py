@@ -21,7 +21,7 @@ from merging.lora import (
     lora_delta,
     stack_adapters,
 )
-from merging.registry import MERGE_METHODS, get_merge_method
+from merging.registry import ABLATION_MERGE_METHODS, MERGE_METHODS, get_merge_method
 from model_store.adapters import load_lora_adapter
 from model_store.loader import load_store
 from model_store.multi_lora import MultiLoraLinear
@@ -180,7 +180,7 @@ def test_exact_merge_matches_peft_cat(tiny_store):
     assert lora_delta(ours["helpful"][sorted(ours["helpful"])[0]]).abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(MERGE_METHODS))
+@pytest.mark.parametrize("name", sorted(MERGE_METHODS | ABLATION_MERGE_METHODS))
 def test_every_merge_method_is_linear_in_mu(name):
     """guidance.plan builds coefficient rows from each method's linear map M (c = M mu),
     computed once; that is exact only for methods linear in mu."""

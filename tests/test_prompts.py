@@ -14,9 +14,10 @@ def splits() -> dict[str, list[dict]]:
 
 def test_each_split_loads(splits):
     sizes = {name: len(records) for name, records in splits.items()}
-    assert sizes["train"] >= 150 and sizes["validation"] >= 30 and sizes["test"] >= 30
+    # >= 100 test prompts: the comparison's paired bootstrap intervals are over prompts
+    assert sizes["train"] >= 150 and sizes["validation"] >= 30 and sizes["test"] >= 100
     total = sum(sizes.values())
-    assert 0.6 <= sizes["train"] / total <= 0.8
+    assert 0.55 <= sizes["train"] / total <= 0.8
     for records in splits.values():
         for record in records:
             assert set(record) == {"id", "prompt"}

@@ -216,3 +216,22 @@ def test_cli_value_trains(tmp_path, base, capsys):
     assert rc == 0
     assert "train MSE" in capsys.readouterr().out
     assert load_value_head(out / "head.safetensors").kind == "tied"
+
+
+def test_learning_curve_reuses_the_samples_on_fewer_prompts(trained, base, tmp_path, capsys):
+    """`mage train value-curve`: the same responses, first N training prompts per point."""
+    from cli.main import main as mage
+
+    out, _ = trained
+    args = ["train", "value-curve", "--base", str(base), "--objective", REWARD]
+    args += ["--samples", str(out), "--out", str(tmp_path / "curve")]
+    args += ["--epochs", "1", "--rank", "2", "--lora-alpha", "4", "--no-progress"]
+    assert mage([*args, "--sizes", "2,6"]) == 0
+    rows = json.loads((tmp_path / "curve/curve.json").read_text())
+    assert [r["prompts"] for r in rows] == [2, 6] and [r["responses"] for r in rows] == [8, 24]
+    assert all(0.0 <= r["rank_acc_final"] <= 1.0 and r["pairs"] > 0 for r in rows)
+    small = [json.loads(x) for x in (tmp_path / "curve/prompts-2/samples-train.jsonl").open()]
+    full = [json.loads(x) for x in (out / "samples-train.jsonl").open()]
+    assert small == full[:8]  # not sampled again
+    assert mage([*args, "--sizes", "99"]) == 2
+    assert "sizes must be in [1, 6]" in capsys.readouterr().err

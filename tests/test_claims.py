@@ -1,0 +1,254 @@
+"""What makes the comparison's claims checkable: MAGE-I weighted by lambda = B^-1 mu
+(Eq. 11-12), the paired bootstrap, the fixed HV reference, the tuned gammas per mode, and the
+paper's beam configurations sampled as Sec. 5.2.2 does."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cli.main import main as mage
+from evaluation.metrics import controllability, hypervolume
+from evaluation.stats import bootstrap, default_pairs, differences, method_intervals
+from guidance.plan import build_plan
+from guidance.search import PAPER_BEAMS
+from merging.coefficients import solve_lambda
+from model_store.builder import write_manifest
+from model_store.loader import load_store
+from model_store.manifest import MANIFEST_NAME
+from tests.test_batch import prefill
+
+REWARDS = "tests.test_eval:response_length,tests.test_eval:vowel_share"
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return load_store(tiny_store, "cpu", "float32")
+
+
+def _policy_logprobs(store, ids, **plan_args) -> torch.Tensor:
+    mu = plan_args.pop("mu")
+    plan = build_plan(store, "none", torch.tensor(mu, dtype=torch.float64), **plan_args)
+    batch, outputs = prefill(store, plan, ids)
+    return batch.parts(outputs)[0]
+
+
+@pytest.mark.parametrize("mix", ["lambda", "mu"])
+def test_mage_i_weighs_backbones_by_lambda(store, mix):
+    """V of implicit-ensemble = sum_i w_i log pi_i - log pi_ref with w = B^-1 mu (so
+    sum_i w_i h_i = mu^T r), or w = mu for the ablation; pi_i is backbone i alone."""
+    mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    plan = build_plan(store, "implicit-ensemble", mu, "bone-soup", implicit_mix=mix)
+    weights = solve_lambda(store.checked.combination_matrix, mu) if mix == "lambda" else mu
+    assert torch.allclose(torch.tensor(plan.mix, dtype=torch.float64), weights)
+    assert float(weights.sum()) == pytest.approx(1.0)  # columns of B on the simplex
+    ids = [store.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Hi", "Bake?")]
+    batch, outputs = prefill(store, plan, ids)
+    value = batch.parts(outputs)[1]
+    alone = [_policy_logprobs(store, ids, mu=e, merge_method="direct") for e in ([1, 0], [0, 1])]
+    reference = _policy_logprobs(store, ids, mu=[1, 0], merge_method="direct", policy="base")
+    expected = sum(float(w) * lp for w, lp in zip(weights, alone, strict=True)) - reference
+    assert torch.allclose(value, expected, atol=1e-4)
+    with pytest.raises(ValueError, match="implicit_mix"):
+        build_plan(store, "implicit-ensemble", mu, "bone-soup", implicit_mix="nu")
+
+
+def test_paired_bootstrap_by_hand():
+    rng = np.random.default_rng(1)
+    prefs = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    b = rng.normal(size=(3, 30, 2))
+    a = b + np.array([0.5, 0.0])  # better in objective 0 on every prompt
+    ref = np.array([-5.0, -5.0])
+    reps = bootstrap({"a": a, "b": b, "c": b.copy()}, prefs, ref, replicates=200, seed=3)
+    # replicate 0 by hand: the same draws, each method's mean front over them
+    draws = np.random.default_rng(3).integers(0, 30, size=(200, 30))[0]
+    front = b[:, draws, :].mean(axis=1)
+    assert reps.hv["b"][0] == pytest.approx(hypervolume(front, ref))
+    assert reps.controllability["b"][0] == pytest.approx(controllability(front, prefs))
+    points = {
+        k: {"hv": hypervolume(v.mean(1), ref), "controllability": 1.0}
+        for k, v in {"a": a, "b": b, "c": b}.items()
+    }
+    diffs = {(d["a"], d["b"]): d for d in differences(reps, points, [("a", "b"), ("c", "b")])}
+    assert diffs[("a", "b")]["holds"] and diffs[("a", "b")]["hv_diff_ci"][0] > 0
+    same = diffs[("c", "b")]
+    assert same["hv_diff_ci"] == [0.0, 0.0] and not same["holds"]  # paired: noise cancels
+    ci = method_intervals(reps)["b"]["hv"]
+    assert ci[0] < points["b"]["hv"] < ci[1]
+
+
+def test_default_pairs():
+    labels = ["bone-soup", "rewarded-soup", "mage-i-m", "beam-b2c1l5", "mage-e-m", "mage-e-m@g1"]
+    assert default_pairs(labels) == [
+        ("bone-soup", "rewarded-soup"),
+        ("mage-e-m", "bone-soup"),
+        ("mage-i-m", "bone-soup"),
+        ("beam-b2c1l5", "mage-i-m"),
+        ("mage-e-m", "mage-e-m@g1"),
+    ]
+
+
+def test_paper_beams_sample_as_section_5_2_2():
+    assert sorted(PAPER_BEAMS) == ["b2c1l10", "b2c1l5", "b2c2l10", "b2c2l5", "b4c1l10"]
+    config = PAPER_BEAMS["b4c1l10"]
+    assert (config.width, config.expansion, config.interval) == (4, 1, 10)
+    assert (config.temperature, config.top_k, config.top_p) == (1.0, 50, 0.9)
+
+
+def scaled_store(path, gamma_by_mode: dict | None = None) -> None:
+    """Give a tiny store a reward scale (for the test rewards) and tuned gammas."""
+    data = json.loads((path / MANIFEST_NAME).read_text())
+    data["reward_scale"] = {
+        "center": [10.0, 0.3],
+        "scale": [5.0, 0.1],
+        "hv_reference": [-3.0, -3.0],
+        "samples": 8,
+    }
+    data["defaults"]["gamma_by_mode"] = gamma_by_mode or {}
+    write_manifest(path, data)
+
+
+def test_eval_reports_rescaled_rewards_intervals_and_tuned_gammas(store_copy, tmp_path, capsys):
+    scaled_store(store_copy, {"explicit": 3.0})
+    methods = "bone-soup,rewarded-soup,rewarded-soup-a,bone-soup-a0,mage-e-m,mage-i,mage-i-mu"
+    args = ["eval", "--store", str(store_copy), "--out", str(tmp_path / "ev"), "--methods"]
+    args += [methods + ",beam-b2c1l5,lmc-explicit", "--preferences", "1,0;0.5,0.5;0,1"]
+    args += ["--rewards", REWARDS, "--split", "validation", "--limit", "3"]
+    args += ["--max-new-tokens", "4", "--batch-size", "3", "--replicates", "50"]
+    assert mage(args) == 0
+    results = json.loads((tmp_path / "ev/results.json").read_text())
+    labels = set(methods.split(",")) | {"beam-b2c1l5", "lmc-explicit", "mage-e-m@g1"}
+    labels.add("lmc-explicit@g1")  # an explicit-mode diagnostic: at the tuned gamma and at 1
+    assert set(results["variants"]) == labels
+    assert results["variants"]["mage-e-m"]["gamma"] == 3.0
+    assert results["variants"]["mage-e-m@g1"]["gamma"] == 1.0
+    assert results["variants"]["mage-i"]["gamma"] == 1.0  # no tuned gamma: the default
+    raw = np.array(results["per_prompt_raw_rewards"]["bone-soup"])
+    assert raw.shape == (3, 3, 2)
+    rescaled = (raw.mean(axis=1) - [10.0, 0.3]) / [5.0, 0.1]
+    assert np.allclose(results["mean_rewards"]["bone-soup"], rescaled, atol=1e-4)
+    assert results["reference_point"] == [-3.0, -3.0]
+    bone = results["metrics"]["bone-soup"]
+    assert bone["hv"] == pytest.approx(hypervolume(rescaled, [-3.0, -3.0]), abs=1e-3)
+    assert len(bone["hv_ci"]) == 2 and len(bone["controllability_ci"]) == 2
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert ("bone-soup", "rewarded-soup") in pairs and ("mage-e-m", "mage-e-m@g1") in pairs
+    assert ("bone-soup", "bone-soup-a0") in pairs and ("mage-i", "mage-i-mu") in pairs
+    assert ("beam-b2c1l5", "mage-i-m") not in pairs  # greedy mage-i-m was not run
+    assert not any("lmc" in a + b for a, b in pairs)  # diagnostics are never compared
+    gammas = {json.loads(x)["gamma"] for x in (tmp_path / "ev/generations.jsonl").open()}
+    assert gammas == {1.0, 3.0}
+    table = (tmp_path / "ev/table.md").read_text()
+    assert "HV reference point: r~ = (-3, -3)" in table and "(r~ = (-3, -3))" in table
+    capsys.readouterr()
+    assert mage(args) == 0  # resumed: nothing generated again
+    assert "0s generating" in capsys.readouterr().out
+
+
+def test_eval_needs_a_fixed_reference(tiny_store, tmp_path, capsys):
+    args = ["eval", "--store", str(tiny_store), "--out", str(tmp_path), "--limit", "1"]
+    assert mage(args + ["--rewards", REWARDS]) == 2
+    assert "--hv-reference" in capsys.readouterr().err
+
+
+def test_tune_gamma_writes_each_modes_choice(store_copy, tmp_path, capsys):
+    scaled_store(store_copy)
+    args = [
+        "tune",
+        "gamma",
+        "--store",
+        str(store_copy),
+        "--methods",
+        "mage-e-m,mage-i,lmc-implicit",
+    ]
+    args += ["--grid", "0.1,5", "--preferences", "1,0;0,1", "--limit", "2"]
+    args += ["--max-new-tokens", "3", "--rewards", REWARDS, "--write", "--work", str(tmp_path)]
+    assert mage(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    lines = (tmp_path / "generations.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * 2 * 2  # methods x gammas x preferences x prompts
+    assert mage(args) == 0  # resumed: every response from the cache
+    assert len((tmp_path / "generations.jsonl").read_text().splitlines()) == len(lines)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+    for method in ("mage-e-m", "mage-i"):
+        volumes = result[method]["hypervolume"]
+        assert result[method]["chosen_gamma"] == float(max(volumes, key=volumes.get))
+        assert set(result[method]["hv_ci"]) == {"0.1", "5.0"}
+        assert result[method]["reference_point"] == [-3.0, -3.0]
+    defaults = load_store(store_copy, "cpu", "float32").checked.manifest.defaults
+    assert defaults.gamma_by_mode == {  # lmc-implicit is a diagnostic: it sets nothing
+        "explicit": result["mage-e-m"]["chosen_gamma"],
+        "implicit-ensemble": result["mage-i"]["chosen_gamma"],
+    }
+    assert mage(["tune", "gamma", "--store", str(store_copy), "--methods", "bone-soup"]) == 2
+
+
+def test_tune_alpha_grid_has_zero_and_beyond_a_half(store_copy, capsys):
+    scaled_store(store_copy)
+    args = ["tune", "alpha", "--store", str(store_copy), "--preferences", "1,0;0,1"]
+    args += ["--limit", "2", "--max-new-tokens", "3", "--rewards", REWARDS, "--grid", "0,1"]
+    assert mage(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result["hypervolume"]) == {"0.0", "1.0"} and result["reference_point"] == [-3, -3]
+    loser = "1.0" if result["chosen_alpha"] == 0.0 else "0.0"
+    assert set(result["margin_ci"]) == {loser}
+
+
+def test_server_takes_the_tuned_gamma_of_the_requested_mode(store_copy):
+    from server.schemas import Steering
+    from server.settings import ServerSettings
+    from server.translate import Options, Prompt, build_request, parse_steering
+
+    scaled_store(store_copy, {"implicit": 3.0})
+    loaded = load_store(store_copy, "cpu", "float32")
+    settings = ServerSettings(store=str(store_copy))
+
+    def gamma(steering: Steering) -> float:
+        return build_request(Prompt(text="Hi"), Options(steering), loaded, settings).gamma
+
+    def body(guidance: dict) -> float:  # TGI parameters and OpenAI extras share Steering
+        return gamma(Steering.model_validate({"guidance": guidance}))
+
+    assert body({"mode": "implicit"}) == 3.0
+    assert body({"mode": "implicit", "gamma": 0.2}) == 0.2  # a named gamma wins
+    assert body({"mode": "explicit"}) == 1.0  # untuned mode: defaults.gamma
+    assert gamma(parse_steering("0.5,0.5,mode=implicit", "adapter_id", loaded)) == 3.0
+    assert gamma(parse_steering("mode=implicit,gamma=0.4", "adapter_id", loaded)) == 0.4
+
+
+def space_share(prompts: list[str], responses: list[str]) -> list[float]:
+    return [r.count(" ") / max(len(r), 1) for r in responses]
+
+
+def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
+    """n = 3: the circulant B of Eq. (12), lambda = B^-1 mu, the simplex grid as default sweep,
+    pairwise projections in fronts.png."""
+    from tests.common import build_tiny_store
+
+    root = build_tiny_store(tmp_path / "s3", objectives=("a", "b", "c"), beta=0.6, alpha=0.2)
+    data = json.loads((root / MANIFEST_NAME).read_text())
+    data["reward_scale"] = {"center": [10, 0.3, 0.1], "scale": [5, 0.1, 0.1]}
+    data["reward_scale"] |= {"hv_reference": [-3, -3, -3], "samples": 8}
+    write_manifest(root, data)
+    args = ["eval", "--store", str(root), "--out", str(tmp_path / "ev"), "--simplex-steps", "2"]
+    args += ["--methods", "bone-soup,mage-i", "--split", "validation", "--limit", "2"]
+    args += ["--rewards", REWARDS + ",tests.test_claims:space_share", "--max-new-tokens", "3"]
+    assert mage(args) == 0
+    results = json.loads((tmp_path / "ev/results.json").read_text())
+    assert len(results["preferences"]) == 6 and all(len(p) == 3 for p in results["preferences"])
+    assert np.array(results["per_prompt_raw_rewards"]["mage-i"]).shape == (6, 2, 3)
+    loaded = load_store(root, "cpu", "float32")
+    matrix = loaded.checked.combination_matrix
+    assert torch.allclose(
+        matrix,
+        torch.tensor([[0.6, 0.2, 0.2], [0.2, 0.6, 0.2], [0.2, 0.2, 0.6]], dtype=torch.float64),
+    )
+    mu = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    plan = build_plan(loaded, "implicit-ensemble", mu, "bone-soup")
+    assert torch.allclose(matrix @ torch.tensor(plan.mix, dtype=torch.float64), mu)  # B^-1 mu
+    png = (tmp_path / "ev/fronts.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
