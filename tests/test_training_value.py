@@ -127,6 +127,35 @@ def test_resume_continues_from_last_epoch(trained, base, tmp_path):
     assert result.metrics["initial_train_mse"] == first.metrics["initial_train_mse"]
     assert (copy / "samples-train.jsonl").stat().st_mtime_ns == before  # samples reused
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["epoch-2", "epoch-3"]
+    assert not [p for p in copy.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
+
+
+def test_optimizer_checkpoint_is_safetensors_and_resumes_exactly(tmp_path):
+    """An optimizer saved mid-run and loaded into a fresh one takes the same next step as
+    the uninterrupted run (Adam's moments and step count survive), with no pickle written."""
+    from training.value import _load_optimizer, _save_optimizer
+
+    def run(param, optim, steps):
+        for _ in range(steps):
+            optim.zero_grad()
+            (param**2).sum().backward()
+            optim.step()
+
+    torch.manual_seed(0)
+    start = torch.randn(5)
+    straight = torch.nn.Parameter(start.clone())
+    optim = torch.optim.AdamW([straight], lr=0.1)
+    run(straight, optim, 3)
+    _save_optimizer(optim, tmp_path, {"epoch": 3})
+    snapshot = straight.detach().clone()
+    run(straight, optim, 2)
+
+    resumed = torch.nn.Parameter(snapshot)
+    fresh = torch.optim.AdamW([resumed], lr=0.1)
+    assert _load_optimizer(fresh, tmp_path) == {"epoch": 3}
+    run(resumed, fresh, 2)
+    torch.testing.assert_close(resumed.detach(), straight.detach(), rtol=0, atol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.safetensors", "state.json"]
 
 
 def test_resume_refuses_other_settings(trained, base, tmp_path):

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from guidance.value_head import ValueHead, load_value_head, save_value_head
@@ -264,7 +264,7 @@ def _check_run_file(config: ValueTrainConfig) -> None:
 
 
 def _latest_checkpoint(out: Path) -> Path | None:
-    done = [p for p in (out / "checkpoints").glob("epoch-*") if (p / "state.pt").is_file()]
+    done = [p for p in (out / "checkpoints").glob("epoch-*") if (p / "state.json").is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
@@ -276,8 +276,7 @@ def _save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
     save_value_head(head.to_value_head(), tmp / "head.safetensors")
-    state = {"epoch": epoch, "optim": optim.state_dict(), "history": history}
-    torch.save(state, tmp / "state.pt")  # written last: marks the checkpoint complete
+    _save_optimizer(optim, tmp, {"epoch": epoch, "history": history})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     done = sorted(
@@ -288,6 +287,36 @@ def _save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _save_optimizer(optim: torch.optim.Optimizer, folder: Path, extra: dict) -> None:
+    """The optimizer's tensors as safetensors, the rest as JSON (no pickle, even for our own
+    checkpoints); state.json is written last and marks the checkpoint complete."""
+    saved = optim.state_dict()
+    tensors = {
+        f"{index}/{name}": value.contiguous()
+        for index, slots in saved["state"].items()
+        for name, value in slots.items()
+        if torch.is_tensor(value)
+    }
+    plain = {
+        str(index): {k: v for k, v in slots.items() if not torch.is_tensor(v)}
+        for index, slots in saved["state"].items()
+    }
+    save_file(tensors, str(folder / "optimizer.safetensors"))
+    state = {**extra, "param_groups": saved["param_groups"], "plain_state": plain}
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+def _load_optimizer(optim: torch.optim.Optimizer, folder: Path) -> dict:
+    """Inverse of `_save_optimizer`; returns the extra fields (epoch, history)."""
+    state = json.loads((folder / "state.json").read_text())
+    slots: dict[int, dict] = {int(i): dict(v) for i, v in state.pop("plain_state").items()}
+    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
+        index, name = key.split("/", 1)
+        slots.setdefault(int(index), {})[name] = value
+    optim.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
+    return state
+
+
 def _load_checkpoint(path: Path, model: PeftModel, head: TiedHeadModule, optim) -> dict:
     try:
         set_peft_model_state_dict(model, load_file(str(path / "adapter/adapter_model.safetensors")))
@@ -295,8 +324,7 @@ def _load_checkpoint(path: Path, model: PeftModel, head: TiedHeadModule, optim) 
         with torch.no_grad():
             for name, param in head.named_parameters():
                 param.copy_(saved.tensors[name])
-        state = torch.load(path / "state.pt", weights_only=True)
-        optim.load_state_dict(state["optim"])
+        state = _load_optimizer(optim, path)
     except Exception as exc:  # any corrupt piece: name the checkpoint
         raise TrainingError(f"{path}: cannot resume from this checkpoint ({exc})") from None
     return state
