@@ -44,7 +44,8 @@ def return_free_memory() -> None:
     """Hand freed host memory back to the OS. KV buffers are many MiB and change shape with
     every join and leave; glibc keeps such freed blocks in its heap (its mmap threshold grows
     after the first large free), so without this the server's RSS ratchets up with the
-    largest batches it has seen. Called when the engine goes idle; it costs ~1 ms."""
+    largest batches it has seen. The engine calls it when its batch drains and at most every
+    TRIM_EVERY_S under load; one call took 2-21 ms (mean 8) in a load run on the demo store."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
