@@ -155,6 +155,10 @@ def _build_demo(args: argparse.Namespace) -> int:
     settings = DEMO3 if args.preset == "three" else DemoSettings()
     if args.backbone_steps:
         settings = replace(settings, backbone_steps=args.backbone_steps)
+    if args.seed < 0:
+        print("mage store build-demo: --seed must be >= 0", file=sys.stderr)
+        return 2
+    settings = replace(settings, seed=args.seed)
     settings = quick(settings) if args.quick else settings
     work = args.work or args.out.with_name(args.out.name + "-work")
     try:
@@ -219,6 +223,27 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     print((args.out / "table.md").read_text())
     print(f"results in {args.out}; {results['seconds_generating']}s generating")
+    return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    from evaluation.report import seed_spread, seed_spread_table
+
+    runs = []
+    for folder in args.results:
+        path = folder / "results.json"
+        try:
+            runs.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            print(f"mage seeds: {path}: cannot read it ({exc})", file=sys.stderr)
+            return 2
+    try:
+        spread = seed_spread(runs)
+    except (KeyError, ValueError) as exc:
+        print(f"mage seeds: {exc}", file=sys.stderr)
+        return 2
+    print(seed_spread_table([str(f) for f in args.results], spread))
+    print(json.dumps(spread))
     return 0
 
 
@@ -330,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="GRPO steps per backbone (default 120; more steps resume training)",
     )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the backbones and specialists (another seed: its own --out, the same "
+        "--work, which shares the base samples and value models)",
+    )
     demo.set_defaults(func=_build_demo)
     ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")
     ev.add_argument("--store", type=Path, required=True)
@@ -369,6 +401,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--beam-expansion", type=int, default=1, help="beam: c (samples per beam)")
     ev.add_argument("--beam-interval", type=int, default=10, help="beam: l (tokens per chunk)")
     ev.set_defaults(func=_eval)
+    seeds = sub.add_parser(
+        "seeds", help="the spread across seeds of one `mage eval` comparison (HV, ctrl, diffs)"
+    )
+    seeds.add_argument(
+        "results", type=Path, nargs="+", help="`mage eval --out` folders, one per seed's store"
+    )
+    seeds.set_defaults(func=_seeds)
     tune = sub.add_parser("tune", help="choose alpha (Eq. 13) or beta (Eq. 12) by hypervolume")
     tune_sub = tune.add_subparsers(dest="tune_command", required=True)
     for name, grid in (

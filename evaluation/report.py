@@ -100,3 +100,69 @@ def _lmc(results: dict) -> list[str]:
 def markdown_table(results: dict) -> str:
     lines = _rewards(results) + _metrics(results) + _comparisons(results) + _lmc(results)
     return "\n".join(lines) + "\n"
+
+
+def seed_spread(runs: list[dict]) -> dict:
+    """One comparison run on stores trained with different seeds (`mage seeds`): per method
+    label and per paired comparison found in every run, the value of each seed, the mean and
+    the spread (max - min). The runs must share the HV reference point, or HVs don't compare."""
+    if len(runs) < 2:
+        raise ValueError("give the results of at least two seeds")
+    if len({tuple(r["reference_point"]) for r in runs}) != 1:
+        raise ValueError("the runs use different HV reference points; HVs would not compare")
+
+    def summary(values: list[float]) -> dict:
+        return {
+            "per_seed": values,
+            "mean": sum(values) / len(values),
+            "spread": max(values) - min(values),
+        }
+
+    methods = {
+        label: {
+            "hv": summary([r["metrics"][label]["hv"] for r in runs]),
+            "controllability": summary([r["metrics"][label]["controllability"] for r in runs]),
+        }
+        for label in runs[0]["metrics"]
+        if all(label in r["metrics"] for r in runs[1:])
+    }
+    keyed = [{(c["a"], c["b"]): c for c in r.get("comparisons") or []} for r in runs]
+    comparisons = {
+        f"{a} − {b}": {
+            **summary([k[(a, b)]["hv_diff"] for k in keyed]),
+            "holds_in": sum(k[(a, b)]["holds"] for k in keyed),
+        }
+        for a, b in keyed[0]
+        if all((a, b) in k for k in keyed[1:])
+    }
+    reference = runs[0]["reference_point"]
+    return {"reference_point": reference, "methods": methods, "comparisons": comparisons}
+
+
+def seed_spread_table(names: list[str], spread: dict) -> str:
+    """Markdown of `seed_spread`: a column per seed, then mean and spread."""
+    point = ", ".join(f"{v:g}" for v in spread["reference_point"])
+    seeds = " | ".join(names)
+    lines = [
+        f"HV reference point: r~ = ({point})",
+        "",
+        f"| method | HV: {seeds} | mean | spread | ctrl: {seeds} | mean | spread |",
+        "|---|" + "---|" * (2 * len(names) + 4),
+    ]
+    for label, m in spread["methods"].items():
+        cells = []
+        for key, fmt in (("hv", ".4f"), ("controllability", ".3f")):
+            s = m[key]
+            cells += [format(v, fmt) for v in s["per_seed"]]
+            cells += [format(s["mean"], fmt), format(s["spread"], fmt)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"| comparison a − b | ΔHV: {seeds} | mean | spread | interval excludes 0 in |",
+        "|---|" + "---|" * (len(names) + 3),
+    ]
+    for label, c in spread["comparisons"].items():
+        cells = [format(v, "+.4f") for v in c["per_seed"]]
+        cells += [format(c["mean"], "+.4f"), format(c["spread"], ".4f")]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {c['holds_in']} of {len(names)} |")
+    return "\n".join(lines) + "\n"

@@ -252,3 +252,43 @@ def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
     assert torch.allclose(matrix @ torch.tensor(plan.mix, dtype=torch.float64), mu)  # B^-1 mu
     png = (tmp_path / "ev/fronts.png").read_bytes()
     assert png.startswith(b"\x89PNG")
+
+
+def _seed_results(hv_bs: float, hv_rs: float, holds: bool, reference=(-2.0, -2.0)) -> dict:
+    return {
+        "reference_point": list(reference),
+        "metrics": {
+            "bone-soup": {"hv": hv_bs, "controllability": 1.0},
+            "rewarded-soup": {"hv": hv_rs, "controllability": 0.8},
+        },
+        "comparisons": [
+            {"a": "bone-soup", "b": "rewarded-soup", "hv_diff": hv_bs - hv_rs, "holds": holds}
+        ],
+    }
+
+
+def test_seeds_reports_each_seed_mean_and_spread(tmp_path, capsys):
+    for name, result in (
+        ("s0", _seed_results(5.0, 4.0, True)),
+        ("s1", _seed_results(4.5, 4.5, False)),
+    ):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+    assert mage(["seeds", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 0
+    out = capsys.readouterr().out
+    spread = json.loads(out.strip().splitlines()[-1])
+    hv = spread["methods"]["bone-soup"]["hv"]
+    assert hv["per_seed"] == [5.0, 4.5] and hv["mean"] == 4.75 and hv["spread"] == 0.5
+    diff = spread["comparisons"]["bone-soup − rewarded-soup"]
+    assert diff["per_seed"] == [1.0, 0.0] and diff["holds_in"] == 1
+    assert "| bone-soup − rewarded-soup | +1.0000 | +0.0000 | +0.5000 | 1.0000 | 1 of 2 |" in out
+
+
+def test_seeds_refuses_runs_on_different_reference_points(tmp_path, capsys):
+    for name, ref in (("s0", (-2.0, -2.0)), ("s1", (-1.0, -2.0))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_seed_results(1, 1, False, ref)))
+    assert mage(["seeds", str(tmp_path / "s0"), str(tmp_path / "s1")]) == 2
+    assert "different HV reference points" in capsys.readouterr().err
+    assert mage(["seeds", str(tmp_path / "s0"), str(tmp_path / "missing")]) == 2
+    assert "missing/results.json: cannot read it" in capsys.readouterr().err

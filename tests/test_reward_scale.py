@@ -207,18 +207,13 @@ def test_concise_reward_pulls_against_length():
     assert short == 1.0 and medium == pytest.approx(0.5) and long == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("objectives", [(LENGTH, VOWELS), (LENGTH, VOWELS, SPACES)])
-def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
-    """The whole build: shared base samples, the fitted scale in the manifest, value models,
-    backbones on the circulant B (n = 2 and n = 3), specialists, curves and the adapters'
-    validation means; a second call resumes without training again."""
-    pytest.importorskip("trl")
+def tiny_demo_settings(objectives: tuple[str, ...]):
+    """The demo build at smoke sizes, rank-2 LoRA on q_proj only (a tiny base trains fast)."""
     from dataclasses import replace
 
-    from model_store.validate import check_store
-    from training.demo import DemoSettings, build_demo, quick
+    from training.demo import DemoSettings, quick
 
-    settings = replace(
+    return replace(
         quick(DemoSettings()),
         objectives=objectives,
         name="tiny-demo",
@@ -227,6 +222,19 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
         backbone_rank=2,
         backbone_targets=("q_proj",),
     )
+
+
+@pytest.mark.parametrize("objectives", [(LENGTH, VOWELS), (LENGTH, VOWELS, SPACES)])
+def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
+    """The whole build: shared base samples, the fitted scale in the manifest, value models,
+    backbones on the circulant B (n = 2 and n = 3), specialists, curves and the adapters'
+    validation means; a second call resumes without training again."""
+    pytest.importorskip("trl")
+
+    from model_store.validate import check_store
+    from training.demo import build_demo
+
+    settings = tiny_demo_settings(objectives)
     store, work = tmp_path / "store", tmp_path / "work"
     build_demo(store, work, settings, log=lambda _: None, base=base, base_spec={"path": str(base)})
     manifest = check_store(store).manifest
@@ -249,3 +257,44 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
     assert png.startswith(b"\x89PNG")
     build_demo(store, work, settings, log=lambda _: None, base=base, base_spec={"path": str(base)})
     assert check_store(store).manifest.reward_scale == manifest.reward_scale
+
+
+def test_build_demo_of_another_seed_shares_the_value_models(base, tmp_path):
+    """A second adapter seed on the same --work: the base samples and value models are reused
+    (not trained again), the backbones and specialists train anew in folders of their own, and
+    a backbone folder of seed 0 refuses to resume under seed 1."""
+    pytest.importorskip("trl")
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from model_store.validate import check_store
+    from training.backbone import BackboneTrainConfig, train_backbone
+    from training.demo import build_demo
+
+    settings = tiny_demo_settings((LENGTH, VOWELS))
+    work, spec = tmp_path / "work", {"path": str(base)}
+    build_demo(tmp_path / "s0", work, settings, log=lambda _: None, base=base, base_spec=spec)
+    value_checkpoints = sorted((work / f"value-{LENGTH}" / "checkpoints").rglob("*"))
+    stamps = [p.stat().st_mtime_ns for p in value_checkpoints]
+    seed1 = replace(settings, seed=1)
+    build_demo(tmp_path / "s1", work, seed1, log=lambda _: None, base=base, base_spec=spec)
+    assert [p.stat().st_mtime_ns for p in value_checkpoints] == stamps  # reused, not retrained
+    for kind in ("backbone", "specialist"):
+        assert (work / f"{kind}-{VOWELS}-seed1" / "run.json").is_file()
+    adapter = "backbones/" + LENGTH + "/adapter_model.safetensors"
+    first, second = (load_file(tmp_path / s / adapter) for s in ("s0", "s1"))
+    assert any(not first[k].equal(second[k]) for k in first)
+    config = BackboneTrainConfig(
+        base=base,
+        rewards=[LENGTH, VOWELS],
+        weights=[0.7, 0.3],
+        out=work / f"backbone-{LENGTH}",
+        rank=2,
+        lora_alpha=4,
+        targets=("q_proj",),
+        reward_scale=RewardScale.from_manifest(check_store(tmp_path / "s0").manifest),
+        seed=1,
+    )
+    with pytest.raises(TrainingError, match=r"other settings \(seed\)"):
+        train_backbone(config)

@@ -155,6 +155,8 @@ def _check_run_file(config: BackboneTrainConfig, out: Path) -> None:
         wanted["reward_scale"] = [list(config.reward_scale.center), list(config.reward_scale.scale)]
     if config.aggregation != "normalize_then_sum":
         wanted["aggregation"] = [config.aggregation, config.advantage_scale]
+    if config.seed != 0:  # another seed never resumes a folder of seed 0
+        wanted["seed"] = config.seed
     guard_run_settings(out, wanted)
 
 

@@ -85,7 +85,12 @@ class DemoSettings:
     max_new_tokens: int = 32
     """Response length while sampling and training."""
     seed: int = 0
-    """Seed of every step."""
+    """Seed of the backbones' and specialists' GRPO runs. Seed 0 trains them in
+    `work/<kind>-<objective>`; another seed in `work/<kind>-<objective>-seed<k>`, so builds of
+    several seeds share one --work and with it the base samples, the reward scale and the value
+    models (issue 9 asks for the spread of the adapters across seeds)."""
+    value_seed: int = 0
+    """Seed of the base samples and the value models, the same for every adapter seed."""
 
 
 DEMO3 = DemoSettings(
@@ -132,7 +137,7 @@ def _value_config(
         rank=s.value_rank,
         lora_alpha=2 * s.value_rank,
         targets=s.value_targets,
-        seed=s.seed,
+        seed=s.value_seed,
         reward_scale=scale,
         sampling=SamplingSettings(
             samples_per_prompt=s.value_samples_per_prompt, max_new_tokens=s.max_new_tokens
@@ -224,7 +229,7 @@ def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind:
         all_weights = [[float(i == j) for j in range(n)] for i in range(n)]
     entries = []
     for objective, weights in zip(s.objectives, all_weights, strict=True):
-        out = work / f"{kind}-{objective}"
+        out = work / (f"{kind}-{objective}" + (f"-seed{s.seed}" if s.seed else ""))
         config = BackboneTrainConfig(
             base=base,
             rewards=list(s.objectives),
