@@ -193,6 +193,8 @@ def _eval(args: argparse.Namespace) -> int:
             if args.preferences
             else preference_sweep(n, args.simplex_steps)
         )
+        if len(prefs) < 2:  # one point has no sparsity, spacing or controllability (NaN)
+            raise ValueError("--preferences: give at least two (a front's metrics compare them)")
         rewards = tuple(args.rewards.split(",")) if args.rewards else None
         for name in ("batch_size", "beam_width", "beam_expansion", "beam_interval"):
             if getattr(args, name) < 1:

@@ -154,6 +154,14 @@ def test_eval_needs_a_fixed_reference(tiny_store, tmp_path, capsys):
     assert "--hv-reference" in capsys.readouterr().err
 
 
+def test_eval_refuses_a_single_preference(tiny_store, tmp_path, capsys):
+    """One point has no sparsity, spacing or controllability: refused, never a NaN in JSON."""
+    args = ["eval", "--store", str(tiny_store), "--out", str(tmp_path), "--preferences", "1,0"]
+    assert mage(args + ["--rewards", REWARDS, "--hv-reference=-1,-1"]) == 2
+    assert "--preferences: give at least two" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
 def test_tune_gamma_writes_each_modes_choice(store_copy, tmp_path, capsys):
     scaled_store(store_copy)
     args = [
