@@ -104,6 +104,26 @@ def test_backbone_resume_continues(first_run, base, tmp_path):
     assert state["global_step"] == 3
 
 
+def test_backbone_rerun_of_a_finished_run_trains_no_more(first_run, base, tmp_path):
+    """A build run again (everything resumes) must not add a step to a finished backbone:
+    the adapter comes from the last checkpoint, unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    out, first = first_run
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    result = train_backbone(_config(base, copy, steps=2))
+    assert result.steps_run == 0 and result.global_step == 2
+    assert result.resumed_from == copy / "checkpoints" / "checkpoint-2"
+    assert not (copy / "checkpoints" / "checkpoint-3").exists()
+    assert len((copy / "log.jsonl").read_text().splitlines()) == 2
+    trained = load_file(first.adapter_dir / "adapter_model.safetensors")
+    again = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert trained.keys() == again.keys() and all(trained[k].equal(again[k]) for k in trained)
+
+
 def test_backbone_resume_refuses_other_weights(first_run, base, tmp_path):
     import shutil
 

@@ -179,6 +179,25 @@ def _dataset(tokenizer: object, prompts: list[str]):
     return Dataset.from_list(rows)
 
 
+def _finished_run(config: BackboneTrainConfig, ckpt_dir: Path) -> BackboneTrainResult | None:
+    """The result of a run whose latest checkpoint already reached `config.steps`, its adapter
+    copied out of that checkpoint; None when steps remain. transformers' Trainer, resumed at
+    max_steps, still runs one more step, so a re-run (a resumed build) must not call it."""
+    latest = _latest_checkpoint(ckpt_dir)
+    if latest is None:
+        return None
+    done = json.loads((latest / "trainer_state.json").read_text())["global_step"]
+    if done < config.steps:
+        return None
+    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    adapter_dir.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(latest / name, adapter_dir / name)
+    return BackboneTrainResult(adapter_dir, done, 0, latest, {}, [])
+
+
 def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
     """Train one backbone with GRPO on h_i (Eq. 11); resumes from ``out/checkpoints``."""
     from peft import LoraConfig
@@ -199,6 +218,9 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
     out = Path(config.out)
     _check_run_file(config, out)
     ckpt_dir = out / "checkpoints"
+    finished = _finished_run(config, ckpt_dir)
+    if finished is not None:
+        return finished
     device = pick_device(config.device)
     seed_everything(config.seed)
     try:
