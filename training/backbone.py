@@ -186,7 +186,10 @@ def _finished_run(config: BackboneTrainConfig, ckpt_dir: Path) -> BackboneTrainR
     latest = _latest_checkpoint(ckpt_dir)
     if latest is None:
         return None
-    done = json.loads((latest / "trainer_state.json").read_text())["global_step"]
+    try:
+        done = json.loads((latest / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError):  # an incomplete checkpoint: the Trainer decides
+        return None
     if done < config.steps:
         return None
     adapter_dir = Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
