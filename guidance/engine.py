@@ -47,7 +47,7 @@ SWITCH_INTERVAL_S = 0.0005
 """GIL switch interval while an engine thread runs (see Engine.start)."""
 TRIM_EVERY_S = 5.0
 """Under unbroken load, free host memory goes back to the OS at most this often: a trim took
-2-15 ms in a load run on the demo store, so at most ~0.3% of the engine's time."""
+2-21 ms (mean 8) in a load run on the demo store, so at most ~0.3% of the engine's time."""
 
 
 class QueueFullError(Exception):

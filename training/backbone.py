@@ -179,11 +179,18 @@ def _dataset(tokenizer: object, prompts: list[str]):
     return Dataset.from_list(rows)
 
 
-def _finished_run(config: BackboneTrainConfig, ckpt_dir: Path) -> BackboneTrainResult | None:
+def _empty_adapter_dir(config: BackboneTrainConfig) -> Path:
+    """Where the final adapter goes (``adapter_dir``, default ``out/adapter``), emptied."""
+    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    return adapter_dir
+
+
+def _finished_run(config: BackboneTrainConfig, latest: Path | None) -> BackboneTrainResult | None:
     """The result of a run whose latest checkpoint already reached `config.steps`, its adapter
     copied out of that checkpoint; None when steps remain. transformers' Trainer, resumed at
     max_steps, still runs one more step, so a re-run (a resumed build) must not call it."""
-    latest = _latest_checkpoint(ckpt_dir)
     if latest is None:
         return None
     try:
@@ -192,9 +199,7 @@ def _finished_run(config: BackboneTrainConfig, ckpt_dir: Path) -> BackboneTrainR
         return None
     if done < config.steps:
         return None
-    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
+    adapter_dir = _empty_adapter_dir(config)
     adapter_dir.mkdir(parents=True)
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         shutil.copy(latest / name, adapter_dir / name)
@@ -221,7 +226,8 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
     out = Path(config.out)
     _check_run_file(config, out)
     ckpt_dir = out / "checkpoints"
-    finished = _finished_run(config, ckpt_dir)
+    resume = _latest_checkpoint(ckpt_dir)
+    finished = _finished_run(config, resume)
     if finished is not None:
         return finished
     device = pick_device(config.device)
@@ -310,15 +316,12 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
         )
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"cannot set up GRPO training: {exc}") from None
-    resume = _latest_checkpoint(ckpt_dir)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except RewardError as exc:
         raise TrainingError(str(exc)) from None
 
-    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else out / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
+    adapter_dir = _empty_adapter_dir(config)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
     means = {
         spec: sum(entry[f"rewards/{spec}/mean"] for entry in history) / len(history)
