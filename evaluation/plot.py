@@ -82,8 +82,9 @@ def plot_training_curves(report: dict, path: Path) -> Path:
     for ax, adapter in zip(axes[0], adapters, strict=True):
         curve = adapter.get("curve", [])
         steps = [block["steps"][1] for block in curve]
-        for objective in objectives:
-            ax.plot(steps, [block[objective] for block in curve], marker=".", label=objective)
+        for objective in objectives:  # one its run never logged is left out (_curve)
+            if all(objective in block for block in curve):
+                ax.plot(steps, [block[objective] for block in curve], marker=".", label=objective)
         kl = ax.twinx()
         kl.plot(steps, [block["kl"] for block in curve], color="grey", linestyle=":", label="KL")
         kl.set_ylabel("KL", color="grey", fontsize=7)

@@ -224,6 +224,28 @@ def tiny_demo_settings(objectives: tuple[str, ...]):
     )
 
 
+def test_training_curve_leaves_out_an_objective_its_run_never_logged(tmp_path):
+    """A specialist reused from a two-objective build in a three-objective one logged no
+    rewards for the third objective: its curve omits it, and the plot still draws."""
+    from evaluation.plot import plot_training_curves
+    from training.demo import _curve
+
+    rows = [
+        {"step": k, "rewards/a/mean": 0.1 * k, "rewards/b/mean": -0.1 * k, "kl": 0.01}
+        for k in range(1, 13)
+    ]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = _curve(tmp_path, ("a", "b", "c"))
+    assert [block["steps"] for block in curve] == [[1, 10], [11, 12]]
+    assert curve[1] == {"steps": [11, 12], "a": 1.15, "b": -1.15, "kl": 0.01}
+    report = {
+        "settings": {"objectives": ["a", "b", "c"]},
+        "specialists": [{"name": "specialist-a", "weights": [1, 0, 0], "curve": curve}],
+    }
+    png = plot_training_curves(report, tmp_path / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize("objectives", [(LENGTH, VOWELS), (LENGTH, VOWELS, SPACES)])
 def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
     """The whole build: shared base samples, the fitted scale in the manifest, value models,

@@ -203,7 +203,9 @@ def _value_models(base, folders, store, s: DemoSettings, scale: RewardScale, log
 
 def _curve(out: Path, objectives: tuple[str, ...], every: int = 10) -> list[dict]:
     """Training curve: per-objective r~ means of the sampled completions, averaged over
-    blocks of `every` steps (GRPO logs one noisy mean per step)."""
+    blocks of `every` steps (GRPO logs one noisy mean per step). An objective the run did not
+    log is left out: a specialist reused from a build with fewer objectives (its weight on
+    the new one is 0, so its training is the same) never scored it."""
     path = out / "log.jsonl"
     if not path.is_file():
         return []
@@ -215,7 +217,9 @@ def _curve(out: Path, objectives: tuple[str, ...], every: int = 10) -> list[dict
         chunk = [by_step[k] for k in steps[start : start + every]]
         entry: dict = {"steps": [chunk[0]["step"], chunk[-1]["step"]]}
         for o in objectives:
-            entry[o] = round(float(np.mean([c[f"rewards/{o}/mean"] for c in chunk])), 4)
+            logged = [c[f"rewards/{o}/mean"] for c in chunk if f"rewards/{o}/mean" in c]
+            if logged:
+                entry[o] = round(float(np.mean(logged)), 4)
         entry["kl"] = round(float(np.mean([c.get("kl", 0.0) for c in chunk])), 4)
         blocks.append(entry)
     return blocks
