@@ -60,7 +60,9 @@ class DemoSettings:
     value_epochs: int = 5
     """Epochs of Eq. (16) regression. Sec. 5.2.2 uses 3; on the demo's 1744 base responses the
     positivity model's validation ranking accuracy (last token) went 0.629, 0.635, 0.696,
-    0.688, 0.704 over epochs 1-5, so 5 (a rebuild resumes 3-epoch folders from epoch 3)."""
+    0.688, 0.704 over epochs 1-5, so 5 (a rebuild resumes 3-epoch folders from epoch 3). The
+    store gets each model's best validation epoch (relevance: 0.695, 0.724, 0.747, 0.751,
+    0.720, so epoch 4)."""
     value_rank: int = 4
     """LoRA rank of the value models."""
     value_targets: tuple[str, ...] = ALL_LINEAR
