@@ -89,8 +89,8 @@ def test_manifest_validates_the_scale():
 
 def test_a_store_without_reward_scale_keeps_working():
     """Manifests written before reward_scale and gamma_by_mode (the shipped demo store's, in
-    the checkout and as package data) still parse: rewards stay raw and every mode gets
-    defaults.gamma."""
+    the checkout and as package data, with both taken out) still parse: rewards stay raw and
+    every mode gets defaults.gamma."""
     from model_store.manifest import MANIFEST_NAME
     from model_store.resources import demo_store_path
 

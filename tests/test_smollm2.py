@@ -84,6 +84,14 @@ def test_committed_demo_store_is_complete_and_valid(smol_url):
     assert [s.weights for s in manifest.specialists] == [[1.0, 0.0], [0.0, 1.0]]
     assert [v.objective for v in manifest.guidance.explicit] == manifest.objectives
     assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
+    # issue 9: rewards on a fixed scale, and a gamma tuned for every guided mode
+    assert manifest.reward_scale is not None and manifest.reward_scale.hv_reference == [-2, -2]
+    assert set(manifest.defaults.gamma_by_mode) == {
+        "explicit",
+        "explicit-ensemble",
+        "implicit",
+        "implicit-ensemble",
+    }
 
 
 def test_both_smollm2_end_tokens_end_generation(tmp_path):
