@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -50,17 +51,17 @@ def _config(base: Path, out: Path, epochs: int) -> ValueTrainConfig:
 
 @pytest.fixture(scope="module")
 def trained(base, tmp_path_factory):
+    """Exports its last epoch (best_epoch off), so the checks below measure what training
+    reached; the best-epoch export has tests of its own."""
     out = tmp_path_factory.mktemp("value-run") / "out"
-    return out, train_value_model(_config(base, out, epochs=2))
+    return out, train_value_model(replace(_config(base, out, epochs=2), best_epoch=False))
 
 
 def test_training_lowers_mse_and_reports_metrics(trained):
     out, result = trained
     m = result.metrics
-    assert m["final_train_mse"] < 0.75 * m["initial_train_mse"]
-    # the exported epoch is the best on validation (training's last epoch may overfit)
-    best = max(m["history"], key=lambda h: (h["val_rank_acc_final"], h["epoch"]))
-    assert m["epoch"] == best["epoch"]
+    assert m["final_train_mse"] < 0.5 * m["initial_train_mse"]
+    assert m["epoch"] == 2  # the last
     val = m["validation"]
     assert val["responses"] == 3 * 4 and val["pairs"] > 0
     for key in ("rank_acc_final", "rank_acc_mean"):
@@ -127,6 +128,9 @@ def test_resume_continues_from_last_epoch(trained, base, tmp_path):
     assert result.resumed_from == copy / "checkpoints" / "epoch-2"
     assert result.epochs_run == 1
     assert [h["epoch"] for h in result.metrics["history"]] == [1, 2, 3]
+    # by default the exported epoch is the best on validation (the last may overfit)
+    best = max(result.metrics["history"], key=lambda h: (h["val_rank_acc_final"], h["epoch"]))
+    assert result.metrics["epoch"] == best["epoch"]
     assert result.metrics["initial_train_mse"] == first.metrics["initial_train_mse"]
     assert (copy / "samples-train.jsonl").stat().st_mtime_ns == before  # samples reused
     assert sorted(p.name for p in (copy / "checkpoints").iterdir()) == ["epoch-2", "epoch-3"]
@@ -148,8 +152,6 @@ def test_best_validation_epoch_is_exported_and_its_checkpoint_spared():
 def test_a_finished_run_exports_its_best_validation_epoch(trained, base, tmp_path):
     """Epoch 1 made the best on validation: a re-run exports epoch 1's adapter and head, not
     the last epoch's; with best_epoch off it exports the last."""
-    from dataclasses import replace
-
     from safetensors.torch import load_file
 
     out, _ = trained

@@ -289,8 +289,16 @@ def pruned_epochs(saved: list[int], keep: int, spare: int | None) -> list[int]:
 
 
 def _save_checkpoint(
-    out: Path, epoch: int, model: PeftModel, head: TiedHeadModule, optim, history, keep: int
+    out: Path,
+    epoch: int,
+    model: PeftModel,
+    head: TiedHeadModule,
+    optim,
+    history,
+    keep: int,
+    spare: int | None,
 ) -> None:
+    """Save `epoch`, then prune all but the `keep` latest checkpoints and `spare`'s."""
     final = out / "checkpoints" / f"epoch-{epoch}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -301,7 +309,7 @@ def _save_checkpoint(
     tmp.rename(final)
     names = (p.name.split("-")[1] for p in final.parent.glob("epoch-*"))
     saved = [int(name) for name in names if name.isdigit()]  # not a half-written "3.tmp"
-    for old in pruned_epochs(saved, keep, best_epoch(history)):
+    for old in pruned_epochs(saved, keep, spare):
         shutil.rmtree(final.parent / f"epoch-{old}", ignore_errors=True)
 
 
@@ -445,8 +453,9 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
             scores = evaluate(peft_model, head, val, bs, device)
             entry.update({f"val_{k}": v for k, v in scores.items()})
         history.append(entry)
+        spare = best_epoch(history) if config.best_epoch else None  # the one to export
         _save_checkpoint(
-            config.out, epoch + 1, peft_model, head, optim, history, config.keep_checkpoints
+            config.out, epoch + 1, peft_model, head, optim, history, config.keep_checkpoints, spare
         )
 
     chosen = _choose_epoch(config, history, peft_model, head, optim)
