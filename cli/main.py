@@ -249,6 +249,21 @@ def _seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tuning_preferences(args, store: Path, rewards) -> tuple[tuple[float, ...], ...]:
+    """--preferences, else a coarse sweep of the store's objectives: (1, 0), (0.75, 0.25), ...,
+    (0, 1) for two, the simplex grid of step 1/2 (vertices and edge midpoints) for more, so a
+    three-objective store tunes on 6 preferences instead of eval's 15."""
+    from evaluation.run import preference_sweep
+    from model_store.validate import check_store
+
+    if args.preferences:
+        return parse_preferences(args.preferences)
+    if args.tune_command == "beta" and not rewards:
+        raise ValueError("--rewards is required for beta tuning")
+    n = len(rewards) if args.tune_command == "beta" else len(check_store(store).manifest.objectives)
+    return preference_sweep(n, args.simplex_steps or (4 if n == 2 else 2))
+
+
 def _tune(args: argparse.Namespace) -> int:
     from evaluation.run import EvalConfig
     from evaluation.tune import tune_alpha, tune_beta, tune_gamma
@@ -258,8 +273,8 @@ def _tune(args: argparse.Namespace) -> int:
     grid = [float(v) for v in args.grid.split(",")]
     rewards = tuple(args.rewards.split(",")) if args.rewards else None
     try:
-        prefs = parse_preferences(args.preferences)
         store = args.store if args.tune_command in ("alpha", "gamma") else Path(".")
+        prefs = _tuning_preferences(args, store, rewards)
         cfg = EvalConfig(
             store,
             Path("."),
@@ -419,7 +434,15 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = tune_sub.add_parser(name)
         cmd.add_argument("--grid", default=grid, help=f"values to try (default {grid})")
-        cmd.add_argument("--preferences", default="1,0;0.75,0.25;0.5,0.5;0.25,0.75;0,1")
+        cmd.add_argument(
+            "--preferences",
+            default=None,
+            help="'1,0;0.5,0.5;0,1' (default: 1, 0.75, ..., 0 for two objectives; the simplex "
+            "grid of step 1/2 for more)",
+        )
+        cmd.add_argument(
+            "--simplex-steps", type=int, default=None, help="default sweep's grid step 1/N"
+        )
         cmd.add_argument("--rewards", default=None, help="reward spec per objective")
         cmd.add_argument("--split", default="validation")
         cmd.add_argument(

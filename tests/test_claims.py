@@ -232,16 +232,21 @@ def space_share(prompts: list[str], responses: list[str]) -> list[float]:
     return [r.count(" ") / max(len(r), 1) for r in responses]
 
 
-def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
-    """n = 3: the circulant B of Eq. (12), lambda = B^-1 mu, the simplex grid as default sweep,
-    pairwise projections in fronts.png."""
+def _three_objective_store(folder):
     from tests.common import build_tiny_store
 
-    root = build_tiny_store(tmp_path / "s3", objectives=("a", "b", "c"), beta=0.6, alpha=0.2)
+    root = build_tiny_store(folder, objectives=("a", "b", "c"), beta=0.6, alpha=0.2)
     data = json.loads((root / MANIFEST_NAME).read_text())
     data["reward_scale"] = {"center": [10, 0.3, 0.1], "scale": [5, 0.1, 0.1]}
     data["reward_scale"] |= {"hv_reference": [-3, -3, -3], "samples": 8}
     write_manifest(root, data)
+    return root
+
+
+def test_eval_sweeps_the_simplex_for_three_objectives(tmp_path):
+    """n = 3: the circulant B of Eq. (12), lambda = B^-1 mu, the simplex grid as default sweep,
+    pairwise projections in fronts.png."""
+    root = _three_objective_store(tmp_path / "s3")
     args = ["eval", "--store", str(root), "--out", str(tmp_path / "ev"), "--simplex-steps", "2"]
     args += ["--methods", "bone-soup,mage-i", "--split", "validation", "--limit", "2"]
     args += ["--rewards", REWARDS + ",tests.test_claims:space_share", "--max-new-tokens", "3"]
@@ -300,3 +305,17 @@ def test_seeds_refuses_runs_on_different_reference_points(tmp_path, capsys):
     assert "different HV reference points" in capsys.readouterr().err
     assert mage(["seeds", str(tmp_path / "s0"), str(tmp_path / "missing")]) == 2
     assert "missing/results.json: cannot read it" in capsys.readouterr().err
+
+
+def test_tuning_a_three_objective_store_sweeps_its_simplex_by_default(tmp_path, capsys):
+    """Without --preferences, tuning sweeps the store's own objectives (the two-objective
+    default cannot fit three): vertices and edge midpoints, 6 points."""
+    root = _three_objective_store(tmp_path / "s3")
+    args = ["tune", "alpha", "--store", str(root), "--grid", "0,0.5", "--limit", "1"]
+    args += ["--rewards", REWARDS + ",tests.test_claims:space_share", "--max-new-tokens", "2"]
+    assert mage(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    fronts = {k: np.array(v) for k, v in result["fronts"].items()}
+    assert set(fronts) == {"0.0", "0.5"} and {f.shape for f in fronts.values()} == {(6, 3)}
+    assert mage(["tune", "beta", "--base", str(tmp_path), "--work", str(tmp_path / "w")]) == 2
+    assert "--rewards is required" in capsys.readouterr().err
