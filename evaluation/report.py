@@ -77,6 +77,11 @@ def _comparisons(results: dict) -> list[str]:
     return lines
 
 
+def _gap_ci(gap: dict, k: int) -> str:
+    ci = gap.get("mean_gap_ci")  # absent in results written before the interval existed
+    return f" [{ci[k][0]:+.4f}, {ci[k][1]:+.4f}]" if ci else ""
+
+
 def _lmc(results: dict) -> list[str]:
     lmc = {label: m["lmc"] for label, m in results["metrics"].items() if "lmc" in m}
     if not lmc:
@@ -85,13 +90,14 @@ def _lmc(results: dict) -> list[str]:
     lines = [
         "",
         "| LMC (Observation 3) | "
-        + " | ".join(f"{o}: share above chord, mean gap" for o in names)
+        + " | ".join(f"{o}: share above chord, mean gap [95% CI]" for o in names)
         + " |",
         "|---|---|---|",
     ]
     for label, gap in lmc.items():
         cells = " | ".join(
-            f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f}" for k in range(2)
+            f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f}{_gap_ci(gap, k)}"
+            for k in range(2)
         )
         lines.append(f"| {label} | {cells} |")
     return lines

@@ -27,7 +27,13 @@ from evaluation.metrics import chord_gaps, summarise_front
 from evaluation.plot import plot_fronts
 from evaluation.report import markdown_table
 from evaluation.resources import PeakMemory
-from evaluation.stats import bootstrap, default_pairs, differences, method_intervals
+from evaluation.stats import (
+    bootstrap,
+    chord_gap_intervals,
+    default_pairs,
+    differences,
+    method_intervals,
+)
 from guidance.search import BeamSettings
 from model_store.loader import LoadedStore, load_store
 from training.common import encode_prompt
@@ -277,7 +283,9 @@ def score(
     summary = {label: summarise_front(front, prefs, reference) for label, front in means.items()}
     for label, (method, _) in runs.items():
         if method.startswith("lmc-") and len(objectives) == 2 and len(prefs) > 2:
-            summary[label]["lmc"] = chord_gaps(means[label], prefs)
+            summary[label]["lmc"] = chord_gaps(means[label], prefs) | {
+                "mean_gap_ci": chord_gap_intervals(scaled[label], prefs, cfg.replicates)
+            }
     for label, (method, gamma) in runs.items():  # Figure 11: seconds per generated token
         rows = [done[_key(method, gamma, mu, p["id"])] for mu in cfg.preferences for p in prompts]
         tokens = sum(r.get("tokens", 0) for r in rows)

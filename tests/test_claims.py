@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from cli.main import main as mage
-from evaluation.metrics import controllability, hypervolume
-from evaluation.stats import bootstrap, default_pairs, differences, method_intervals
+from evaluation.metrics import chord_gaps, controllability, hypervolume
+from evaluation.stats import (
+    bootstrap,
+    chord_gap_intervals,
+    default_pairs,
+    differences,
+    method_intervals,
+)
 from guidance.plan import build_plan
 from guidance.search import PAPER_BEAMS
 from merging.coefficients import solve_lambda
@@ -80,6 +86,22 @@ def test_paired_bootstrap_by_hand():
     assert ci[0] < points["b"]["hv"] < ci[1]
 
 
+def test_chord_gap_interval_by_hand():
+    """Observation 3's mean gap gets an interval from the same prompt draws as the HV."""
+    rng = np.random.default_rng(2)
+    prefs = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    arr = rng.normal(size=(3, 40, 2))
+    arr[1] += 1.0  # the interior point lies far above the chord in both objectives
+    ci = chord_gap_intervals(arr, prefs, replicates=300, seed=5)
+    draws = np.random.default_rng(5).integers(0, 40, size=(300, 40))
+    gaps = np.array([chord_gaps(arr[:, d, :].mean(axis=1), prefs)["mean_gap"] for d in draws])
+    assert np.allclose(ci, [np.percentile(gaps[:, k], [2.5, 97.5]) for k in range(2)])
+    assert all(lo > 0 for lo, _ in ci)  # a clear gap excludes zero
+    flat = arr.copy()
+    flat[1] = (flat[0] + flat[2]) / 2  # on the chord for every prompt: the interval is 0
+    assert np.allclose(chord_gap_intervals(flat, prefs, replicates=50), 0.0, atol=1e-12)
+
+
 def test_default_pairs():
     labels = ["bone-soup", "rewarded-soup", "mage-i-m", "beam-b2c1l5", "mage-e-m", "mage-e-m@g1"]
     assert default_pairs(labels) == [
@@ -139,10 +161,13 @@ def test_eval_reports_rescaled_rewards_intervals_and_tuned_gammas(store_copy, tm
     assert ("bone-soup", "bone-soup-a0") in pairs and ("mage-i", "mage-i-mu") in pairs
     assert ("beam-b2c1l5", "mage-i-m") not in pairs  # greedy mage-i-m was not run
     assert not any("lmc" in a + b for a, b in pairs)  # diagnostics are never compared
+    lmc = results["metrics"]["lmc-explicit"]["lmc"]
+    assert [len(ci) for ci in lmc["mean_gap_ci"]] == [2, 2]
     gammas = {json.loads(x)["gamma"] for x in (tmp_path / "ev/generations.jsonl").open()}
     assert gammas == {1.0, 3.0}
     table = (tmp_path / "ev/table.md").read_text()
     assert "HV reference point: r~ = (-3, -3)" in table and "(r~ = (-3, -3))" in table
+    assert "share above chord, mean gap [95% CI]" in table and "| lmc-explicit | " in table
     capsys.readouterr()
     assert mage(args) == 0  # resumed: nothing generated again
     assert "0s generating" in capsys.readouterr().out
