@@ -104,11 +104,14 @@ def test_chord_gap_interval_by_hand():
 
 def test_default_pairs():
     labels = ["bone-soup", "rewarded-soup", "mage-i-m", "beam-b2c1l5", "mage-e-m", "mage-e-m@g1"]
+    labels.append("beam")  # e.g. b1c1: sampling without search
     assert default_pairs(labels) == [
         ("bone-soup", "rewarded-soup"),
         ("mage-e-m", "bone-soup"),
         ("mage-i-m", "bone-soup"),
         ("beam-b2c1l5", "mage-i-m"),
+        ("beam", "mage-i-m"),
+        ("beam-b2c1l5", "beam"),
         ("mage-e-m", "mage-e-m@g1"),
     ]
 
