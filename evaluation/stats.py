@@ -113,7 +113,11 @@ def default_pairs(labels: Iterable[str]) -> list[tuple[str, str]]:
     pairs += [(label, "mage-i-m") for label in present if label.startswith("beam")]
     # `beam` run as b1c1: one sampled chain, no search; a paper beam against it isolates the
     # search from the sampling of Sec. 5.2.2 (greedy vs sampled mixes the two)
-    pairs += [(label, "beam") for label in present if label.startswith("beam-")]
+    pairs += [
+        (label, "beam@g1" if label.endswith("@g1") else "beam")  # at the same gamma
+        for label in present
+        if label.startswith("beam-")
+    ]
     pairs += [(label[: -len("@g1")], label) for label in present if label.endswith("@g1")]
     return [(a, b) for a, b in pairs if a in present and b in present and a != b]
 

@@ -105,6 +105,7 @@ def test_chord_gap_interval_by_hand():
 def test_default_pairs():
     labels = ["bone-soup", "rewarded-soup", "mage-i-m", "beam-b2c1l5", "mage-e-m", "mage-e-m@g1"]
     labels.append("beam")  # e.g. b1c1: sampling without search
+    assert ("beam-b2c1l5@g1", "beam@g1") in default_pairs([*labels, "beam-b2c1l5@g1", "beam@g1"])
     assert default_pairs(labels) == [
         ("bone-soup", "rewarded-soup"),
         ("mage-e-m", "bone-soup"),
