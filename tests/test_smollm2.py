@@ -94,6 +94,16 @@ def test_committed_demo_store_is_complete_and_valid(smol_url):
     }
 
 
+def test_every_committed_demo_file_is_under_5_mb():
+    """Issue 9: the embedded stores stay in plain git, so no file reaches 5 MB."""
+    from pathlib import Path
+
+    demo = Path(__file__).resolve().parents[1] / "demo"
+    sizes = {p.relative_to(demo): p.stat().st_size for p in demo.rglob("*") if p.is_file()}
+    assert sizes and len([p for p in sizes if p.suffix == ".safetensors"]) >= 8
+    assert {str(p): n for p, n in sizes.items() if n >= 5_000_000} == {}
+
+
 def test_both_smollm2_end_tokens_end_generation(tmp_path):
     """<|im_end|> ends a chat turn; <|endoftext|> (id 0) ends a document, and SmolLM2's own
     generate stops there too, so it must not be emitted over and over."""
