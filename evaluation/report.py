@@ -77,11 +77,6 @@ def _comparisons(results: dict) -> list[str]:
     return lines
 
 
-def _gap_ci(gap: dict, k: int) -> str:
-    ci = gap.get("mean_gap_ci")  # absent in results written before the interval existed
-    return f" [{ci[k][0]:+.4f}, {ci[k][1]:+.4f}]" if ci else ""
-
-
 def _lmc(results: dict) -> list[str]:
     lmc = {label: m["lmc"] for label, m in results["metrics"].items() if "lmc" in m}
     if not lmc:
@@ -96,7 +91,8 @@ def _lmc(results: dict) -> list[str]:
     ]
     for label, gap in lmc.items():
         cells = " | ".join(
-            f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f}{_gap_ci(gap, k)}"
+            f"{gap['share_above'][k]:.2f}, {gap['mean_gap'][k]:+.4f} "
+            f"[{gap['mean_gap_ci'][k][0]:+.4f}, {gap['mean_gap_ci'][k][1]:+.4f}]"
             for k in range(2)
         )
         lines.append(f"| {label} | {cells} |")

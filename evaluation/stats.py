@@ -65,7 +65,7 @@ def bootstrap(
     weights = _draw_weights(shapes.pop(), replicates, seed)
     hv, ctrl = {}, {}
     for label, arr in per_prompt.items():
-        fronts = np.einsum("npk,bp->bnk", arr, weights)  # (replicates, N, n)
+        fronts = _resampled_fronts(arr, weights)
         hv[label] = np.array([hypervolume(f, reference) for f in fronts])
         ctrl[label] = np.array([controllability(f, preferences) for f in fronts])
     return Replicates(hv, ctrl)
@@ -79,13 +79,18 @@ def _draw_weights(n_prompts: int, replicates: int, seed: int) -> np.ndarray:
     return np.stack([np.bincount(row, minlength=n_prompts) for row in draws]) / n_prompts
 
 
+def _resampled_fronts(per_prompt: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(replicates, N, n) mean front of each replicate: per_prompt (N, P, n), weights (B, P)."""
+    return np.einsum("npk,bp->bnk", per_prompt, weights)
+
+
 def chord_gap_intervals(
     per_prompt: np.ndarray, preferences: np.ndarray, replicates: int = REPLICATES, seed: int = 0
 ) -> list[list[float]]:
     """95% interval of each objective's mean chord gap (Observation 3, `chord_gaps`) over the
     same prompt resamples as `bootstrap`; per_prompt: (preferences N, prompts P, 2)."""
     weights = _draw_weights(per_prompt.shape[1], replicates, seed)
-    fronts = np.einsum("npk,bp->bnk", per_prompt, weights)  # (replicates, N, 2)
+    fronts = _resampled_fronts(per_prompt, weights)  # (replicates, N, 2)
     gaps = np.array([chord_gaps(f, preferences)["mean_gap"] for f in fronts])  # (replicates, 2)
     return [_interval(gaps[:, k]) for k in range(gaps.shape[1])]
 
