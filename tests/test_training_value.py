@@ -137,6 +137,34 @@ def test_resume_continues_from_last_epoch(trained, base, tmp_path):
     assert not [p for p in copy.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl")]
 
 
+def test_a_finished_run_called_again_keeps_its_export_without_rescoring(
+    trained, base, tmp_path, monkeypatch
+):
+    """A resumed build calls every finished value model again: it returns the metrics it
+    wrote, without scoring the samples again (minutes on CPU); a missing export is redone."""
+    import training.value as value
+
+    out, first = trained
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    config = replace(_config(base, copy, epochs=2), best_epoch=False)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a finished export was scored again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(value, "evaluate", no_scoring)
+        again = train_value_model(config)
+    assert again.epochs_run == 0 and again.metrics["epoch"] == 2
+    assert again.metrics["validation"] == first.metrics["validation"]
+    shutil.rmtree(copy / "adapter")
+    redone = train_value_model(config)
+    assert (copy / "adapter" / "adapter_model.safetensors").is_file()
+    assert redone.metrics["validation"]["rank_acc_final"] == pytest.approx(
+        first.metrics["validation"]["rank_acc_final"]
+    )
+
+
 def test_best_validation_epoch_is_exported_and_its_checkpoint_spared():
     from training.value import best_epoch, pruned_epochs
 

@@ -368,6 +368,18 @@ def _choose_epoch(config: ValueTrainConfig, history, model, head, optim) -> int:
     return best
 
 
+def _exported_metrics(out: Path, chosen: int, history: list[dict]) -> dict | None:
+    """The metrics an earlier call wrote beside the adapter and head it exported, when that
+    export is of the same epoch of the same history: scoring the train and validation
+    samples again would take minutes on CPU and give the same numbers."""
+    path = out / "metrics.json"
+    if not (path.is_file() and (out / "adapter").is_dir() and (out / "head.safetensors").is_file()):
+        return None
+    metrics = json.loads(path.read_text())
+    same = metrics.get("epoch") == chosen and metrics.get("history") == history
+    return metrics if same else None
+
+
 def _train_epoch(
     config: ValueTrainConfig,
     epoch: int,
@@ -459,6 +471,12 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
         )
 
     chosen = _choose_epoch(config, history, peft_model, head, optim)
+    adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
+    finished = (
+        _exported_metrics(config.out, chosen, history) if start_epoch == config.epochs else None
+    )
+    if finished is not None:  # a finished run called again (a resumed build): its export stands
+        return ValueTrainResult(adapter_dir, head_path, finished, 0, resumed)
     metrics = {
         "objective": config.objective,
         "epoch": chosen,
@@ -468,7 +486,6 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
         "train_reward_mean": sum(s.reward for s in train) / len(train),
         "history": history,
     }
-    adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
     peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
     save_value_head(head.to_value_head(), head_path)
     (config.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
