@@ -368,12 +368,14 @@ def _choose_epoch(config: ValueTrainConfig, history, model, head, optim) -> int:
     return best
 
 
-def _exported_metrics(out: Path, chosen: int, history: list[dict]) -> dict | None:
+def _exported_metrics(
+    out: Path, adapter_dir: Path, head_path: Path, chosen: int, history: list[dict]
+) -> dict | None:
     """The metrics an earlier call wrote beside the adapter and head it exported, when that
     export is of the same epoch of the same history: scoring the train and validation
     samples again would take minutes on CPU and give the same numbers."""
     path = out / "metrics.json"
-    if not (path.is_file() and (out / "adapter").is_dir() and (out / "head.safetensors").is_file()):
+    if not (path.is_file() and adapter_dir.is_dir() and head_path.is_file()):
         return None
     metrics = json.loads(path.read_text())
     same = metrics.get("epoch") == chosen and metrics.get("history") == history
@@ -472,9 +474,9 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
 
     chosen = _choose_epoch(config, history, peft_model, head, optim)
     adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
-    finished = (
-        _exported_metrics(config.out, chosen, history) if start_epoch == config.epochs else None
-    )
+    finished = None
+    if start_epoch == config.epochs:  # nothing trained by this call
+        finished = _exported_metrics(config.out, adapter_dir, head_path, chosen, history)
     if finished is not None:  # a finished run called again (a resumed build): its export stands
         return ValueTrainResult(adapter_dir, head_path, finished, 0, resumed)
     metrics = {
