@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 from model_store.builder import build_random_store
 from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE
 from model_store.loader import load_store
+from model_store.validate import check_store
 from tests.http_server import running_server
 
 pytestmark = pytest.mark.slow
@@ -70,36 +73,63 @@ def test_explicit_and_implicit_modes_run_on_smollm2(smol_url):
         assert response.json()["details"]["generated_tokens"] == 4
 
 
-def test_committed_demo_store_is_complete_and_valid(smol_url):
-    """The store `make serve` serves: checksums, shapes against SmolLM2, every part present
-    (backbones on B's columns, Rewarded-Soup specialists, both value models)."""
-    from pathlib import Path
+DEMO = Path(__file__).resolve().parents[1] / "demo"
+GUIDED_MODES = {"explicit", "explicit-ensemble", "implicit", "implicit-ensemble"}
 
-    from model_store.validate import check_store
 
-    checked = check_store(Path(__file__).resolve().parents[1] / "demo" / "store")
-    manifest = checked.manifest
-    assert manifest.objectives == ["relevance", "positivity"]
-    assert [b.weights for b in manifest.backbones] == [[0.7, 0.3], [0.3, 0.7]]
-    assert [s.weights for s in manifest.specialists] == [[1.0, 0.0], [0.0, 1.0]]
-    assert [v.objective for v in manifest.guidance.explicit] == manifest.objectives
+@pytest.mark.parametrize(
+    ("folder", "objectives", "backbone_weights"),
+    [
+        ("store", ["relevance", "positivity"], [[0.7, 0.3], [0.3, 0.7]]),
+        (
+            "store3",
+            ["relevance", "positivity", "concise"],
+            [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]],
+        ),
+    ],
+)
+def test_committed_demo_stores_are_complete_and_valid(folder, objectives, backbone_weights):
+    """The stores `make serve` serves: checksums, shapes against SmolLM2, every part present
+    (backbones on the columns of the circulant B of Eq. 12, Rewarded-Soup specialists, one
+    value model per objective)."""
+    manifest = check_store(DEMO / folder).manifest
+    n = len(objectives)
+    assert manifest.objectives == objectives
+    assert [b.weights for b in manifest.backbones] == backbone_weights
+    assert [s.weights for s in manifest.specialists] == np.eye(n).tolist()
+    assert [v.objective for v in manifest.guidance.explicit] == objectives
     assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
     # issue 9: rewards on a fixed scale, and a gamma tuned for every guided mode
-    assert manifest.reward_scale is not None and manifest.reward_scale.hv_reference == [-2, -2]
-    assert set(manifest.defaults.gamma_by_mode) == {
-        "explicit",
-        "explicit-ensemble",
-        "implicit",
-        "implicit-ensemble",
-    }
+    assert manifest.reward_scale is not None and manifest.reward_scale.hv_reference == [-2] * n
+    assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES
+
+
+def test_make_serve_store3_steers_three_objectives():
+    """`make serve STORE=demo/store3`: three objectives over HTTP, lambda = B^-1 mu (Eq. 13)."""
+    store = load_store(DEMO / "store3", "cpu", "float32")
+    with running_server(store) as url:
+        assert httpx.get(f"{url}/info").json()["objectives"] == [
+            "relevance",
+            "positivity",
+            "concise",
+        ]
+        response = httpx.post(
+            f"{url}/generate",
+            timeout=120,
+            json={
+                "inputs": "Name a fruit.",
+                "parameters": {"max_new_tokens": 4, "preference": {"concise": 1}},
+            },
+        )
+    assert response.status_code == 200, response.text
+    b = np.array([[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]])
+    expected = np.linalg.solve(b, [0.0, 0.0, 1.0])
+    assert response.json()["details"]["lambda"] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
 def test_every_committed_demo_file_is_under_5_mb():
     """Issue 9: the embedded stores stay in plain git, so no file reaches 5 MB."""
-    from pathlib import Path
-
-    demo = Path(__file__).resolve().parents[1] / "demo"
-    sizes = {p.relative_to(demo): p.stat().st_size for p in demo.rglob("*") if p.is_file()}
+    sizes = {p.relative_to(DEMO): p.stat().st_size for p in DEMO.rglob("*") if p.is_file()}
     assert sizes and len([p for p in sizes if p.suffix == ".safetensors"]) >= 8
     assert {str(p): n for p, n in sizes.items() if n >= 5_000_000} == {}
 
