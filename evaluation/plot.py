@@ -1,8 +1,9 @@
-"""PNG of the fronts (like the paper's Figures 8-10): one line per method through its mean
-rewards (on the store's fixed scale r~) in preference order. Two objectives: one panel, each
-point labelled with its mu_1; more: one panel per pair of objectives (pairwise projections
-of the front). Methods at gamma = 1 (`@g1`) are left out to keep the panels readable; their
-numbers are in table.md."""
+"""PNG of the fronts (like the paper's Figures 8-10): each method's mean rewards (on the
+store's fixed scale r~), one point per preference. Two objectives: one panel, a line per
+method in preference order, each point labelled with its mu_1; more: one panel per pair of
+objectives (pairwise projections of the front), markers only, since the simplex grid has no
+order to draw a line along. Methods at gamma = 1 (`@g1`) are left out to keep the panels
+readable; their numbers are in table.md."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def plot_fronts(results: dict, path: Path) -> Path:
                 ys,
                 color=colours(i % 20),
                 marker=MARKERS[i % len(MARKERS)],
-                linestyle="-" if i % 2 == 0 else "--",
-                markersize=4,
+                linestyle=("-" if i % 2 == 0 else "--") if len(names) == 2 else "none",
+                markersize=4 if len(names) == 2 else 6,
                 linewidth=1,
                 label=method,
             )
