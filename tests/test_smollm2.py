@@ -75,17 +75,15 @@ def test_explicit_and_implicit_modes_run_on_smollm2(smol_url):
 
 DEMO = Path(__file__).resolve().parents[1] / "demo"
 GUIDED_MODES = {"explicit", "explicit-ensemble", "implicit", "implicit-ensemble"}
+STORE3_OBJECTIVES = ["relevance", "positivity", "concise"]
+STORE3_WEIGHTS = [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]]  # B of Eq. 12, beta 0.7
 
 
 @pytest.mark.parametrize(
     ("folder", "objectives", "backbone_weights"),
     [
         ("store", ["relevance", "positivity"], [[0.7, 0.3], [0.3, 0.7]]),
-        (
-            "store3",
-            ["relevance", "positivity", "concise"],
-            [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]],
-        ),
+        ("store3", STORE3_OBJECTIVES, STORE3_WEIGHTS),
     ],
 )
 def test_committed_demo_stores_are_complete_and_valid(folder, objectives, backbone_weights):
@@ -108,11 +106,7 @@ def test_make_serve_store3_steers_three_objectives():
     """`make serve STORE=demo/store3`: three objectives over HTTP, lambda = B^-1 mu (Eq. 13)."""
     store = load_store(DEMO / "store3", "cpu", "float32")
     with running_server(store) as url:
-        assert httpx.get(f"{url}/info").json()["objectives"] == [
-            "relevance",
-            "positivity",
-            "concise",
-        ]
+        assert httpx.get(f"{url}/info").json()["objectives"] == STORE3_OBJECTIVES
         response = httpx.post(
             f"{url}/generate",
             timeout=120,
@@ -122,8 +116,7 @@ def test_make_serve_store3_steers_three_objectives():
             },
         )
     assert response.status_code == 200, response.text
-    b = np.array([[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]])
-    expected = np.linalg.solve(b, [0.0, 0.0, 1.0])
+    expected = np.linalg.solve(np.array(STORE3_WEIGHTS), [0.0, 0.0, 1.0])
     assert response.json()["details"]["lambda"] == pytest.approx(expected.tolist(), abs=1e-5)
 
 
