@@ -324,6 +324,10 @@ def test_seeds_reports_each_seed_mean_and_spread(tmp_path, capsys):
     diff = spread["comparisons"]["bone-soup − rewarded-soup"]
     assert diff["per_seed"] == [1.0, 0.0] and diff["holds_in"] == 1
     assert "| bone-soup − rewarded-soup | +1.0000 | +0.0000 | +0.5000 | 1.0000 | 1 of 2 |" in out
+    # the results files themselves (as committed under docs/) read the same as their folders
+    files = [str(tmp_path / name / "results.json") for name in ("s0", "s1")]
+    assert mage(["seeds", *files]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == spread
 
 
 def test_seeds_refuses_runs_on_different_reference_points(tmp_path, capsys):
