@@ -232,8 +232,7 @@ def _seeds(args: argparse.Namespace) -> int:
     from evaluation.report import seed_spread, seed_spread_table
 
     runs = []
-    for given in args.results:
-        # an `mage eval --out` folder, or its results.json as committed under docs/
+    for given in args.results:  # an --out folder, or its results.json as under docs/
         path = given if given.is_file() else given / "results.json"
         try:
             runs.append(json.loads(path.read_text()))
@@ -423,10 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         "seeds", help="the spread across seeds of one `mage eval` comparison (HV, ctrl, diffs)"
     )
     seeds.add_argument(
-        "results",
-        type=Path,
-        nargs="+",
-        help="`mage eval --out` folders (or their results.json), one per seed's store",
+        "results", type=Path, nargs="+", help="`mage eval --out` folders or results.json files"
     )
     seeds.set_defaults(func=_seeds)
     tune = sub.add_parser("tune", help="choose alpha (Eq. 13) or beta (Eq. 12) by hypervolume")
