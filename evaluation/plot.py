@@ -21,6 +21,9 @@ def plot_fronts(results: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     names = results["objectives"]
+    # two objectives: the preferences form one ordered sweep, drawn as a labelled line;
+    # more: the simplex grid has no order, so each projection gets markers only
+    sweep = len(names) == 2
     pairs = list(combinations(range(len(names)), 2))
     fig, axes = plt.subplots(
         1, len(pairs), figsize=(8 if len(pairs) == 1 else 6 * len(pairs), 6), dpi=110, squeeze=False
@@ -35,12 +38,12 @@ def plot_fronts(results: dict, path: Path) -> Path:
                 ys,
                 color=colours(i % 20),
                 marker=MARKERS[i % len(MARKERS)],
-                linestyle=("-" if i % 2 == 0 else "--") if len(names) == 2 else "none",
-                markersize=4 if len(names) == 2 else 6,
+                linestyle=("-" if i % 2 == 0 else "--") if sweep else "none",
+                markersize=4 if sweep else 6,
                 linewidth=1,
                 label=method,
             )
-            if len(names) == 2:
+            if sweep:
                 for mu, px, py in zip(results["preferences"], xs, ys, strict=True):
                     ax.annotate(
                         f"{mu[0]:g}",
@@ -54,7 +57,7 @@ def plot_fronts(results: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     reference = ", ".join(f"{v:g}" for v in results["reference_point"])
-    labels = f"labels: preference for {names[0]}; " if len(names) == 2 else ""
+    labels = f"labels: preference for {names[0]}; " if sweep else ""
     fig.suptitle(
         f"Fronts on {results['prompts']} {results['split']} prompts ({labels}"
         f"HV reference r~ = ({reference}))",
