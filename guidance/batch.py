@@ -240,22 +240,22 @@ class Batch:
 
     def _outputs(self, hidden: torch.Tensor, lane_hidden: dict[int, torch.Tensor]) -> torch.Tensor:
         """(K, vocab): log pi of the lm rows, then the values of LoRA and standalone sources."""
-        layout, bank = self.layout, self.store.value_bank
-        embedding = self.store.model.get_output_embeddings()
+        layout, bank, head = self.layout, self.store.value_bank, self.store.output_head
         rows = hidden[layout.lm_rows]  # (K_lm, hidden)
         k_lm, k_v = rows.shape[0], layout.value_rows.shape[0]
         tied = k_v and bank.kind == "tied"
         if tied:  # V = E (sum_i w_i (P_i h + p_i)) + sum_i w_i c_i: one product with E for all
             projected = bank.project(hidden[layout.value_rows], layout.value_weights)
             rows = torch.cat([rows, projected])
-        logits = functional.linear(rows, embedding.weight)  # (K_lm [+ K_v], vocab)
-        if embedding.bias is not None:
-            logits[:k_lm] += embedding.bias
-        parts = [torch.log_softmax(logits[:k_lm].float(), -1)]
+        products = functional.linear(rows, head.weight)  # (K_lm [+ K_v], vocab)
+        # log pi from the model's own logits: its bias and its scale or soft-cap (Cohere,
+        # Granite, Gemma 2/3), never from E h alone; value heads score plain E (Sec. 3.4.1).
+        logits = products[:k_lm] if head.bias is None else products[:k_lm] + head.bias
+        parts = [torch.log_softmax(head.finish(logits).float(), -1)]
         if tied:
-            parts.append((logits[k_lm:] + bank.out_bias(layout.value_weights)).float())
+            parts.append((products[k_lm:] + bank.out_bias(layout.value_weights)).float())
         elif k_v:
-            values = bank(hidden[layout.value_rows], layout.value_weights, embedding.weight)
+            values = bank(hidden[layout.value_rows], layout.value_weights, head.weight)
             parts.append(values.float())
         for key, row, weights in layout.standalone:
             own = self.lane_models[key].get_output_embeddings().weight
@@ -284,13 +284,10 @@ class Batch:
     def _policy_logprobs(self, hidden: list[torch.Tensor], plan: DecodePlan) -> torch.Tensor:
         """(columns, vocab) log pi from a member's rows' hidden states: its one Bone Soup
         row, or MOD's sum_i mu_i log pi_i renormalised."""
-        embedding = self.store.model.get_output_embeddings()
+        head = self.store.output_head
         total = None
         for row, weight in zip(plan.policy_rows, plan.policy_mix, strict=True):
-            logits = functional.linear(hidden[row], embedding.weight)
-            if embedding.bias is not None:
-                logits = logits + embedding.bias
-            part = weight * torch.log_softmax(logits.float(), -1)
+            part = weight * torch.log_softmax(head.logits(hidden[row]).float(), -1)
             total = part if total is None else total + part
         return torch.log_softmax(total, -1) if len(plan.policy_rows) > 1 else total
 

@@ -8,7 +8,9 @@ left-padded so every row's newest token sits in the same column:
 - a joining lane is left-padded to the longer of the two lengths (one copy, once per join);
 - leaving rows are dropped by one index_select, after which the columns that are padding in
   every remaining row are cut, so the lane is never longer than its longest sequence;
-- positions come from each row's count of real tokens, so padding never shifts RoPE.
+- positions come from each row's count of real tokens, so padding never shifts RoPE;
+- a sliding-window layer (Mistral, Gemma 2/3, gpt-oss) keeps only the columns its window
+  can still reach, so its memory stops growing at the window (per-layer windows).
 
 Why padded rather than paged (README "Batching"): transformers' attention takes a dense
 (rows, heads, keys, dim) cache and a 2D mask, so a padded lane runs any causal LM unchanged,
@@ -23,6 +25,8 @@ import ctypes.util
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from model_store.architectures import layer_windows
 
 GROWTH = 64
 """Columns added beyond what is needed when a buffer grows (amortises the copies)."""
@@ -55,11 +59,22 @@ def _capacity(needed: int) -> int:
 
 
 class LaneLayer(DynamicLayer):
-    """One layer's keys and values in preallocated buffers; `used` columns are valid."""
+    """One layer's keys and values in a preallocated buffer, in lane columns.
 
-    def __init__(self) -> None:
+    Buffer column j holds lane column `base + j`; lane columns [base, seen) are stored. A
+    full-attention layer keeps every column (base stays 0). A sliding-window layer of window W
+    only ever attends to the last W - 1 columns before a query, so columns older than that are
+    dropped when the buffer fills (one copy of W - 1 columns every GROWTH steps, not one per
+    step); its mask sizes tell transformers where its first stored column sits, and the
+    lane's 2D padding mask is indexed in the same lane columns.
+    """
+
+    def __init__(self, window: int | None = None) -> None:
         super().__init__()
-        self.used = 0
+        self.window = window
+        self.is_sliding = window is not None
+        self.seen = 0  # lane columns appended
+        self.base = 0  # lane column of buffer column 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device = key_states.device
@@ -67,60 +82,67 @@ class LaneLayer(DynamicLayer):
         self.values = value_states.new_zeros((*value_states.shape[:2], 0, value_states.shape[3]))
         self.is_initialized = True
 
+    def lowest_needed(self, length: int) -> int:
+        """The first lane column a query at column `length` (or later) can attend to."""
+        return 0 if self.window is None else max(0, length - self.window + 1)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
-        if self.used + new > self.keys.shape[-2]:
-            self.resize(_capacity(self.used + new))
-        self.keys[:, :, self.used : self.used + new] = key_states
-        self.values[:, :, self.used : self.used + new] = value_states
-        self.used += new
-        return self.keys[:, :, : self.used], self.values[:, :, : self.used]
+        low = max(self.base, self.lowest_needed(self.seen))
+        if self.seen + new - self.base > self.keys.shape[-2]:
+            self.rebuild(low, _capacity(self.seen + new - low))
+        at = self.seen - self.base
+        self.keys[:, :, at : at + new] = key_states
+        self.values[:, :, at : at + new] = value_states
+        self.seen += new
+        return self.keys[:, :, low - self.base : at + new], self.values[
+            :, :, low - self.base : at + new
+        ]
 
-    def resize(self, capacity: int) -> None:
-        """Reallocate to `capacity` columns, keeping the used ones."""
-        keys = self.keys.new_zeros((*self.keys.shape[:2], capacity, self.keys.shape[3]))
-        values = self.values.new_zeros(keys.shape)
-        keys[:, :, : self.used] = self.keys[:, :, : self.used]
-        values[:, :, : self.used] = self.values[:, :, : self.used]
-        self.keys, self.values = keys, values
+    def rebuild(self, first: int, capacity: int, rows: torch.Tensor | None = None) -> None:
+        """Reallocate to `capacity` columns holding lane columns [first, seen), of the rows
+        `rows` (all when None)."""
+        old_keys, old_values = self.keys, self.values
+        if rows is not None:
+            old_keys, old_values = old_keys[rows], old_values[rows]
+        shape = (old_keys.shape[0], old_keys.shape[1], capacity, old_keys.shape[3])
+        self.keys, self.values = old_keys.new_zeros(shape), old_values.new_zeros(shape)
+        kept = self.seen - first
+        self.keys[:, :, :kept] = old_keys[:, :, first - self.base : self.seen - self.base]
+        self.values[:, :, :kept] = old_values[:, :, first - self.base : self.seen - self.base]
+        self.base = first
 
     def get_seq_length(self) -> int:
-        return self.used
+        return self.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.used + query_length, 0
+        low = max(self.base, self.lowest_needed(self.seen))
+        return self.seen + query_length - low, low
 
 
 class LaneCache(Cache):
     """A transformers Cache made of LaneLayers (one per decoder layer)."""
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[LaneLayer() for _ in range(num_layers)])
-
-
-def _check_full_attention(config) -> None:
-    """Sliding-window or linear-attention layers would need their own cache layout."""
-    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if kinds != {"full_attention"}:
-        raise ValueError(f"only full-attention models are supported, this one has {sorted(kinds)}")
+    def __init__(self, windows: list[int | None]) -> None:
+        super().__init__(layers=[LaneLayer(window) for window in windows])
 
 
 class KVLane:
     """The padded KV batch of one decoder (the shared base, or a standalone value model).
 
     Invariant: each row is [padding][real tokens], its real tokens in the last
-    `real_host[row]` of the `length` columns in use.
+    `real_host[row]` of the `length` columns in use; every layer has seen `length` columns.
     """
 
     def __init__(self, decoder: torch.nn.Module, device: torch.device) -> None:
-        _check_full_attention(decoder.config)
+        self.windows = layer_windows(decoder.config)
         self.decoder, self.device = decoder, device
         self._reset()
 
     def _reset(self) -> None:
-        self.cache = LaneCache(int(self.decoder.config.num_hidden_layers))
+        self.cache = LaneCache(self.windows)
         self.mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (rows, capacity)
         self.real = torch.zeros(0, dtype=torch.long, device=self.device)  # (rows,) real tokens
         self.real_host: list[int] = []  # the same counts on the host, so nothing syncs
@@ -175,7 +197,7 @@ class KVLane:
             )
         except BaseException:
             for layer in self._layers():  # undo the layers already written
-                layer.used = min(layer.used, self.length)
+                layer.seen = min(layer.seen, self.length)
             raise
         self.length += width
         self.real = self.real + block_mask.sum(1)
@@ -183,7 +205,8 @@ class KVLane:
         return out.last_hidden_state if every_position else out.last_hidden_state[:, -1]
 
     def join(self, other: KVLane) -> None:
-        """Append the rows of `other` (a lane of the same decoder), left-padding the shorter."""
+        """Append the rows of `other` (a lane of the same decoder), left-padding the shorter:
+        a lane's column c becomes column c + (joined length - its length)."""
         if other.rows == 0:
             return
         if self.rows == 0:
@@ -191,16 +214,26 @@ class KVLane:
             self.real_host, self.length = list(other.real_host), other.length
             return
         length = max(self.length, other.length)
-        capacity = _capacity(length)
         rows = self.rows + other.rows
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            first = mine.lowest_needed(length)  # in joined columns
+            capacity = _capacity(length - first)
             for name in ("keys", "values"):
-                a, b = getattr(mine, name), getattr(theirs, name)
+                a = getattr(mine, name)
                 joined = a.new_zeros((rows, a.shape[1], capacity, a.shape[3]))
-                joined[: self.rows, :, length - self.length : length] = a[:, :, : self.length]
-                joined[self.rows :, :, length - other.length : length] = b[:, :, : other.length]
+                for layer, lane, at in (
+                    (mine, self, slice(None, self.rows)),
+                    (theirs, other, slice(self.rows, None)),
+                ):
+                    shift = length - lane.length
+                    start = max(layer.base, first - shift)  # the side's own columns
+                    source = getattr(layer, name)[
+                        :, :, start - layer.base : lane.length - layer.base
+                    ]
+                    joined[at, :, start + shift - first : length - first] = source
                 setattr(mine, name, joined)
-            mine.used = length
+            mine.seen, mine.base = length, first
+        capacity = _capacity(length)
         mask = torch.zeros((rows, capacity), dtype=torch.long, device=self.device)
         mask[: self.rows, length - self.length : length] = self.mask[:, : self.length]
         mask[self.rows :, length - other.length : length] = other.mask[:, : other.length]
@@ -218,12 +251,9 @@ class KVLane:
         length = self.length - pad
         rows = torch.tensor(index, device=self.device)
         for layer in self._layers():
-            for name in ("keys", "values"):
-                old = getattr(layer, name)
-                kept = old.new_zeros((len(index), old.shape[1], _capacity(length), old.shape[3]))
-                kept[:, :, :length] = old[rows, :, pad : self.length]
-                setattr(layer, name, kept)
-            layer.used = length
+            first = max(layer.base, pad, layer.lowest_needed(self.length))
+            layer.rebuild(first, _capacity(self.length - first), rows)
+            layer.seen, layer.base = length, first - pad
         mask = torch.zeros((len(index), _capacity(length)), dtype=torch.long, device=self.device)
         mask[:, :length] = self.mask[rows, pad : self.length]
         self.mask, self.length = mask, length

@@ -2,8 +2,10 @@
 
 The server applies an adapter as scale * B @ A on nn.Linear layers and nothing else, so
 an adapter_config.json option that changes what an adapter computes (DoRA magnitudes,
-LoRA biases, Conv1D weights, extra trained modules, ...) is refused by name rather than
-silently dropped. Options PEFT only uses at training or initialisation are ignored.
+LoRA biases, extra trained modules, LoRA on MoE expert parameters, ...) is refused by name
+rather than silently dropped. Options PEFT only uses at training or initialisation are
+ignored. GPT-2's Conv1D layers (`fan_in_fan_out`) are served: their weight is stored
+transposed, (in, out), but the adapter's contribution x A^T B^T is the same as for a Linear.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ HONOURED_OPTIONS = frozenset(
     # Which modules got adapters: the weights file holds exactly those, so loading it by
     # tensor names honours these without reading them.
     | {"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
+    # The base weight's orientation (Conv1D stores (in, out)); the loader reads it from the
+    # layer itself, as PEFT does, and the static shape check from this flag.
+    | {"fan_in_fan_out"}
 )
 """adapter_config.json keys whose meaning the server implements."""
 IGNORED_OPTIONS = frozenset(
@@ -53,10 +58,10 @@ def _is_set(key: str, value: Any) -> bool:
 
 
 def refused_options(config: dict[str, Any]) -> list[str]:
-    """Options set in `config` that the server does not implement: use_dora, fan_in_fan_out,
-    bias, lora_bias, modules_to_save, trainable_token_indices, layer_replication,
-    target_parameters, alora_invocation_tokens, use_qalora, megatron_config, arrow_config,
-    ... and any key this PEFT version does not know, unless it is unset."""
+    """Options set in `config` that the server does not implement: use_dora, bias,
+    lora_bias, modules_to_save, trainable_token_indices, layer_replication, target_parameters
+    (LoRA on MoE expert parameters), alora_invocation_tokens, use_qalora, megatron_config,
+    arrow_config, ... and any key this PEFT version does not know, unless it is unset."""
     return sorted(
         key
         for key, value in config.items()
@@ -74,6 +79,8 @@ class LoraAdapter:
     """Adapter folder."""
     modules: dict[str, LoraFactors]
     """Base-model module name (e.g. model.layers.0.self_attn.q_proj) -> factors."""
+    fan_in_fan_out: bool = False
+    """The targeted weights are stored (in, out), as GPT-2's Conv1D (PEFT's flag)."""
 
 
 def _scale(config: dict[str, Any], module: str, rank: int, where: Path) -> float:
@@ -168,4 +175,5 @@ def load_lora_adapter(path: Path, name: str, dtype: torch.dtype) -> LoraAdapter:
         )
     if not modules:
         raise StoreError(weights_path, "holds no LoRA tensors")
-    return LoraAdapter(name=name, path=path, modules=modules)
+    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    return LoraAdapter(name=name, path=path, modules=modules, fan_in_fan_out=fan_in_fan_out)

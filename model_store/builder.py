@@ -11,6 +11,7 @@ from transformers import PreTrainedModel
 
 from guidance.value_head import ValueHead, save_value_head
 from merging.coefficients import circulant_matrix
+from model_store.architectures import default_lora_targets, linear_layer_names, uses_conv1d
 from model_store.manifest import MANIFEST_NAME, StoreManifest
 from model_store.validate import sha256_file
 
@@ -25,20 +26,23 @@ def write_random_lora(
     base: PreTrainedModel,
     path: Path,
     rank: int = 4,
-    targets: tuple[str, ...] = ("q_proj", "v_proj"),
+    targets: tuple[str, ...] | None = None,
     seed: int = 0,
     std: float = 0.02,
     alpha: int | None = None,
 ) -> None:
     """A PEFT LoRA adapter with random A and B (PEFT leaves B at 0; we fill it) for tests
-    and untrained demos. The base model is left unchanged."""
+    and untrained demos; `targets` default to the base's (default_lora_targets). The base
+    model is left unchanged."""
     torch.manual_seed(seed)
+    targets = targets or default_lora_targets(base)
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha or 2 * rank,
         target_modules=list(targets),
         lora_dropout=0.0,
         init_lora_weights=False,
+        fan_in_fan_out=uses_conv1d(base, targets),
     )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
@@ -47,6 +51,21 @@ def write_random_lora(
                 param.normal_(0.0, std)
     peft_model.save_pretrained(str(path), safe_serialization=True)
     peft_model.unload()  # restore the base's original linears
+
+
+def random_target_sets(base: PreTrainedModel) -> list[tuple[str, ...]]:
+    """LoRA targets for a random store's backbones (the first three), value adapters and
+    specialists: the base's default targets (PEFT's mapping for its type), and mixes of them
+    with its other layers, so stores exercise adapters that target different modules."""
+    default = default_lora_targets(base)
+    other = [name for name in linear_layer_names(base) if name not in default]
+    return [
+        default,
+        default[:1] + tuple(other[:2]),
+        tuple(other[2:3] or other[:1]) + default[-1:],
+        default[:1] + tuple(other[-1:]),
+        default[-1:] + tuple(other[:1]),
+    ]
 
 
 def random_value_head(
@@ -121,7 +140,7 @@ def build_random_store(
     ).eval()
     n = len(objectives)
     weights = circulant_backbone_weights(objectives, beta) if beta else torch.eye(n).tolist()
-    target_sets = [("q_proj", "v_proj"), ("q_proj", "o_proj", "down_proj"), ("k_proj", "up_proj")]
+    target_sets = random_target_sets(base)
     backbones = []
     for i, objective in enumerate(objectives):
         write_random_lora(
@@ -148,7 +167,7 @@ def build_random_store(
                 base,
                 root / f"values/{objective}",
                 rank=2,
-                targets=("q_proj", "gate_proj"),
+                targets=target_sets[3],
                 seed=seed + 20 + i,
                 std=lora_std,
             )

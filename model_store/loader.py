@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from guidance.value_head import HeadBank, ValueHead, load_value_head
-from model_store.adapters import LoraAdapter, load_lora_adapter
+from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
+from model_store.architectures import OutputHead, output_head, verify_output_head
 from model_store.errors import StoreError
 from model_store.multi_lora import RowCoefficients, wrap_linear_layers
 from model_store.validate import CheckedStore, check_store, resolve
@@ -35,6 +36,8 @@ class LoadedStore:
     """The base tokenizer."""
     coefficients: RowCoefficients
     """Per-row adapter coefficients read by every wrapped layer."""
+    output_head: OutputHead
+    """The base's lm_head and the transforms its forward applies after it."""
     value_kind: str | None
     """'lora', 'standalone' or None when the store has no explicit value models."""
     value_heads: tuple[ValueHead, ...]
@@ -129,12 +132,17 @@ def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype) -> PreT
 
 
 def _install_adapters(model: PreTrainedModel, adapters: list[LoraAdapter]) -> RowCoefficients:
+    """Wrap every targeted layer once and give it each adapter's factors; StoreError names
+    the adapter whose target is not a Linear/Conv1D of this model or has the wrong shape."""
     coefficients = RowCoefficients()
-    targets = {module for adapter in adapters for module in adapter.modules}
-    wrapped = wrap_linear_layers(model, targets, coefficients)
+    wrapped = {}
     for slot, adapter in enumerate(adapters):
-        for module, factors in adapter.modules.items():
-            wrapped[module].add_adapter(slot, factors)
+        try:
+            wrapped |= wrap_linear_layers(model, set(adapter.modules) - set(wrapped), coefficients)
+            for module, factors in adapter.modules.items():
+                wrapped[module].add_adapter(slot, factors)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise StoreError(adapter.path / ADAPTER_WEIGHTS, f"cannot apply it: {exc}") from None
     return coefficients
 
 
@@ -144,6 +152,8 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
     torch_device = pick_device(device)
     torch_dtype = pick_dtype(dtype, torch_device)
     model = load_causal_lm(checked.base_path, torch_device, torch_dtype)
+    head = output_head(model, checked.architecture)
+    verify_output_head(model, head, checked.base_path / "config.json")
     tokenizer = AutoTokenizer.from_pretrained(str(checked.base_path), local_files_only=True)
 
     def adapter(spec_path: str, name: str) -> LoraAdapter:
@@ -174,6 +184,7 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
         model,
         tokenizer,
         coefficients,
+        head,
         value_kind,
         heads,
         HeadBank.stack(heads),

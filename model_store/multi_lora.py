@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from merging.lora import LoraFactors, StackedLora, add_row_lora, row_columns, stack_adapters
 
@@ -44,9 +45,11 @@ class RowCoefficients:
 
 
 class MultiLoraLinear(nn.Module):
-    """nn.Linear plus any number of LoRA adapters applied with per-row coefficients."""
+    """nn.Linear (or GPT-2's Conv1D) plus any number of LoRA adapters applied with per-row
+    coefficients. Conv1D computes x W + b with W stored (in, out); a LoRA adapter on it adds
+    x A^T B^T exactly as on a Linear, so only the weight's orientation differs."""
 
-    def __init__(self, base: nn.Linear, coefficients: RowCoefficients) -> None:
+    def __init__(self, base: nn.Linear | Conv1D, coefficients: RowCoefficients) -> None:
         super().__init__()
         self.base = base
         self.coefficients = coefficients
@@ -55,17 +58,25 @@ class MultiLoraLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        base = self.base
+        return base.weight.shape[0] if isinstance(base, Conv1D) else base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        base = self.base
+        return base.weight.shape[1] if isinstance(base, Conv1D) else base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
     def add_adapter(self, index: int, factors: LoraFactors) -> None:
+        shape = (factors.lora_b.shape[0], factors.lora_a.shape[1])
+        if shape != (self.out_features, self.in_features):
+            raise ValueError(
+                f"adapter of shape (out, in) = {shape} on a layer of "
+                f"{(self.out_features, self.in_features)}"
+            )
         self.adapters[index] = factors
         self.stacked = stack_adapters(self.adapters)
 
@@ -91,8 +102,8 @@ def wrap_linear_layers(
         if isinstance(module, MultiLoraLinear):
             wrapped[name] = module
             continue
-        if not isinstance(module, nn.Linear):
-            raise TypeError(f"{name} is a {type(module).__name__}, LoRA needs nn.Linear")
+        if not isinstance(module, nn.Linear | Conv1D):
+            raise TypeError(f"{name} is a {type(module).__name__}, LoRA needs nn.Linear or Conv1D")
         wrapper = MultiLoraLinear(module, coefficients)
         setattr(parent, child, wrapper)
         wrapped[name] = wrapper

@@ -20,6 +20,7 @@ from safetensors import safe_open
 
 from merging.coefficients import check_combination_matrix
 from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
+from model_store.architectures import Architecture, check_architecture
 from model_store.errors import StoreError
 from model_store.manifest import MANIFEST_NAME, StoreManifest
 
@@ -38,6 +39,8 @@ class CheckedStore:
     """B (n, n), float64; column i = w_i of backbone i (Eq. 12)."""
     vocab_size: int
     """Base model vocabulary size (logit width)."""
+    architecture: Architecture
+    """The base's architecture, one the server serves exactly (model_store.architectures)."""
 
 
 def resolve(root: Path, relative: str) -> Path:
@@ -157,7 +160,9 @@ def check_adapter_fits(adapter: LoraAdapter, shapes: dict[str, tuple[int, ...]])
         base_shape = shapes.get(f"{module}.weight")
         if base_shape is None:
             raise StoreError(weights, f"targets {module}, which the base model does not have")
-        lora_shape = (factors.lora_b.shape[0], factors.lora_a.shape[1])
+        lora_shape = (factors.lora_b.shape[0], factors.lora_a.shape[1])  # (out, in)
+        if adapter.fan_in_fan_out:  # Conv1D stores its weight as (in, out)
+            lora_shape = lora_shape[::-1]
         if tuple(base_shape) != lora_shape:
             raise StoreError(
                 weights,
@@ -225,6 +230,7 @@ def check_store(root: Path | str) -> CheckedStore:
     base_path = resolve_base(root, manifest)
     if not base_path.is_dir():
         raise StoreError(base_path, "base model folder does not exist")
+    architecture = check_architecture(base_path)
     vocab_size = read_vocab_size(base_path)
     shapes = base_weight_shapes(base_path)
     for backbone in [*manifest.backbones, *manifest.specialists]:
@@ -243,9 +249,11 @@ def check_store(root: Path | str) -> CheckedStore:
         model_path = resolve(root, spec.path)
         if spec.kind == "lora":
             check_adapter_fits(load_lora_adapter(model_path, spec.objective, torch.float32), shapes)
-        elif read_vocab_size(model_path) != vocab_size:
-            raise StoreError(
-                model_path / "config.json",
-                f"standalone value model's vocabulary differs from the base's ({vocab_size})",
-            )
-    return CheckedStore(root, manifest, base_path, matrix, vocab_size)
+        else:
+            check_architecture(model_path)
+            if read_vocab_size(model_path) != vocab_size:
+                raise StoreError(
+                    model_path / "config.json",
+                    f"standalone value model's vocabulary differs from the base's ({vocab_size})",
+                )
+    return CheckedStore(root, manifest, base_path, matrix, vocab_size, architecture)

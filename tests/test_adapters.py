@@ -75,7 +75,6 @@ def edited_copy(patterned, tmp_path, **changes):
     ("option", "value"),
     [
         ("use_dora", True),
-        ("fan_in_fan_out", True),
         ("bias", "lora_only"),
         ("lora_bias", True),
         ("modules_to_save", ["lm_head"]),
