@@ -67,6 +67,36 @@ ARCHITECTURES: dict[str, Architecture] = {
         ),
         Architecture("smollm3", "SmolLM3", example="HuggingFaceTB/SmolLM3-3B"),
         Architecture("gpt_oss", "gpt-oss (MoE, sliding + full)", example="openai/gpt-oss-20b"),
+        Architecture("mixtral", "Mixtral (MoE)", example="mistralai/Mixtral-8x7B-Instruct-v0.1"),
+        Architecture("qwen2_moe", "Qwen1.5/2-MoE", example="Qwen/Qwen1.5-MoE-A2.7B-Chat"),
+        Architecture("phi", "Phi-1/2", example="microsoft/phi-2"),
+        Architecture("olmo", "OLMo", example="allenai/OLMo-1B-hf"),
+        Architecture("starcoder2", "StarCoder2 (sliding window)", example="bigcode/starcoder2-3b"),
+        Architecture(
+            "cohere2",
+            "Cohere2 (sliding + full)",
+            "logit_scale",
+            example="CohereLabs/c4ai-command-r7b-12-2024",
+        ),
+        Architecture(
+            "granitemoe",
+            "Granite MoE",
+            "logits_scaling",
+            example="ibm-granite/granite-3.1-1b-a400m-instruct",
+        ),
+        Architecture("olmo3", "OLMo 3 (sliding + full)", example="allenai/Olmo-3-7B-Instruct"),
+        Architecture(
+            "ministral",
+            "Ministral (sliding + full)",
+            example="mistralai/Ministral-8B-Instruct-2410",
+        ),
+        Architecture("glm4", "GLM-4", example="zai-org/GLM-4-9B-0414"),
+        Architecture("exaone4", "EXAONE 4 (sliding + full)", example="LGAI-EXAONE/EXAONE-4.0-1.2B"),
+        Architecture("falcon", "Falcon", example="tiiuae/falcon-7b-instruct"),
+        Architecture("opt", "OPT", example="facebook/opt-125m"),
+        Architecture("gptj", "GPT-J", example="EleutherAI/gpt-j-6b"),
+        Architecture("bloom", "BLOOM (ALiBi)", example="bigscience/bloom-560m"),
+        Architecture("gpt_bigcode", "StarCoder (GPT-BigCode)", example="bigcode/starcoderbase-1b"),
     )
 }
 """Every architecture the server serves, each checked by the architecture matrix test."""

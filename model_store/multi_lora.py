@@ -87,7 +87,16 @@ class MultiLoraLinear(nn.Module):
             return out
         if coefficients.active.isdisjoint(self.adapters):
             return out  # e.g. the reference row alone, or adapters of other layers
-        return add_row_lora(out, x, self.stacked, coefficients.columns(self.stacked))
+        columns = coefficients.columns(self.stacked)  # (rows, R)
+        if x.dim() == 2:  # (rows * tokens, in): OPT's MLP, Qwen2-MoE's shared expert
+            rows = columns.shape[0]
+            if x.shape[0] % rows:
+                raise ValueError(f"{x.shape[0]} flattened tokens do not split into {rows} rows")
+            # flattened row-major, so row b's tokens are the b-th block (the matrix test checks
+            # every served architecture against PEFT)
+            x3, out3 = x.view(rows, -1, x.shape[-1]), out.view(rows, -1, out.shape[-1])
+            return add_row_lora(out3, x3, self.stacked, columns).view(out.shape)
+        return add_row_lora(out, x, self.stacked, columns)
 
 
 def wrap_linear_layers(

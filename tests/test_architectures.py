@@ -187,12 +187,7 @@ def test_sliding_layers_hold_only_their_window(arch):
     its window while a full-attention layer's holds every column."""
     _, engine = arch
     lane = KVLane(engine.store.model.get_decoder(), engine.store.device)
-    windowed = engine.store.model.config.model_type in (
-        "mistral",
-        "gemma2",
-        "gemma3_text",
-        "gpt_oss",
-    )
+    windowed = "sliding_window" in CONFIGS[engine.store.model.config.model_type]
     assert any(w is not None for w in lane.windows) == windowed
     prompt = torch.tensor([_ids(engine, PROMPTS[0])])
     lane.open(1)
@@ -205,3 +200,27 @@ def test_sliding_layers_hold_only_their_window(arch):
             assert held >= lane.length
         else:
             assert held <= window + 2 * GROWTH < lane.length
+
+
+HALF_PRECISION_TOLERANCE = {"bfloat16": 0.15, "float16": 0.02}
+"""Largest |log pi| difference, in nats, between serving in half precision and an fp32
+PEFT merge scoring the same tokens (docs/serve-your-own-model.md quotes these)."""
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "cohere", "gpt2"])
+@pytest.mark.parametrize("dtype", sorted(HALF_PRECISION_TOLERANCE))
+def test_half_precision_logprobs_stay_within_the_documented_tolerance(tmp_path, model_type, dtype):
+    root = tmp_path / "store"
+    write_tiny_base(root / "base", model_type)
+    build_random_store(root, {"path": "base"}, ["a", "b"], beta=0.7, alpha=0.3, lora_std=0.3)
+    engine = Engine(load_store(root, "cpu", dtype))
+    request = make_request(engine.store, PROMPTS[0], MU, "none", 24)
+    [(tokens, logprobs)] = _engine_tokens(engine, [dataclasses.replace(request, ignore_eos=True)])
+    reference = _peft_merge(root, ["backbones/a", "backbones/b"], _bone_soup(root, MU))
+    prompt = _ids(engine, PROMPTS[0])
+    with torch.inference_mode():
+        logits = reference(input_ids=torch.tensor([prompt + tokens])).logits[0].float()
+    expected = torch.log_softmax(logits[len(prompt) - 1 : -1], -1)
+    expected = expected.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    difference = (torch.tensor(logprobs) - expected).abs().max().item()
+    assert difference <= HALF_PRECISION_TOLERANCE[dtype]

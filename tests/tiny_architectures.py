@@ -67,13 +67,39 @@ CONFIGS: dict[str, dict] = {
         "sliding_window": WINDOW,
         "layer_types": HYBRID,
     },
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"num_experts": 4, **_MOE, "shared_expert_intermediate_size": 32},
+    "phi": {},
+    "olmo": {},
+    "starcoder2": {"sliding_window": WINDOW},
+    "cohere2": {
+        "num_hidden_layers": 4,
+        "sliding_window": WINDOW,
+        "layer_types": HYBRID,
+        "logit_scale": 4.0,
+    },
+    "granitemoe": {"num_local_experts": 4, "num_experts_per_tok": 2, "logits_scaling": 0.25},
+    "olmo3": {"num_hidden_layers": 4, "sliding_window": WINDOW, "layer_types": HYBRID},
+    "ministral": {
+        "num_hidden_layers": 4,
+        "sliding_window": WINDOW,
+        "layer_types": HYBRID,
+        "head_dim": 8,
+    },
+    "glm4": {},
+    "exaone4": {"num_hidden_layers": 4, "sliding_window": WINDOW, "layer_types": HYBRID},
+    "falcon": {},
+    "opt": {"ffn_dim": 64, "word_embed_proj_dim": 32},
+    "gptj": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256, "rotary_dim": 4},
+    "bloom": {"n_layer": 2, "n_head": 4},
+    "gpt_bigcode": {"n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 256},
 }
 """Per served model_type, what its tiny config sets beyond the common sizes."""
 
 
 def tiny_config(model_type: str, vocab_size: int, eos: int) -> PretrainedConfig:
     extra = CONFIGS[model_type]
-    sizes = {} if model_type == "gpt2" else _SIZES
+    sizes = {} if model_type in ("gpt2", "gptj", "gpt_bigcode") else _SIZES
     ids = {"eos_token_id": eos, "bos_token_id": eos, "pad_token_id": eos}
     return AutoConfig.for_model(model_type, vocab_size=vocab_size, **{**sizes, **ids, **extra})
 
