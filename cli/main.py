@@ -14,6 +14,7 @@ from cli import extras
 from merging.coefficients import solve_lambda
 from model_store.errors import StoreError
 from server.settings import ServerSettings
+from training.common import strict_json
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -245,7 +246,7 @@ def _seeds(args: argparse.Namespace) -> int:
         print(f"mage seeds: {exc}", file=sys.stderr)
         return 2
     print(seed_spread_table([str(f) for f in args.results], spread))
-    print(json.dumps(spread))
+    print(strict_json(spread))
     return 0
 
 
@@ -267,6 +268,7 @@ def _tuning_preferences(args, store: Path, rewards) -> tuple[tuple[float, ...], 
 def _tune(args: argparse.Namespace) -> int:
     from evaluation.run import EvalConfig
     from evaluation.tune import tune_alpha, tune_beta, tune_gamma
+    from model_store.architectures import resolve_lora_targets
     from training.common import TrainingError
     from training.rewards import RewardError
 
@@ -306,14 +308,14 @@ def _tune(args: argparse.Namespace) -> int:
                 lr=args.lr,
                 rank=args.rank,
                 lora_alpha=2 * args.rank,
-                targets=tuple(args.targets.split(",")),
+                targets=resolve_lora_targets(args.targets, args.base),
             )
     except (StoreError, RewardError, TrainingError, ValueError) as exc:
         print(f"mage tune {args.tune_command}: {exc}", file=sys.stderr)
         return 2
     if getattr(args, "work", None):
-        (args.work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(result))  # one line, last: training logs may precede it
+        (args.work / "result.json").write_text(strict_json(result, indent=1) + "\n")
+    print(strict_json(result))  # one line, last: training logs may precede it
     return 0
 
 
@@ -390,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="'1,0;0.5,0.5;0,1' (default: 0, 0.1, ..., 1 or a simplex grid)",
     )
     ev.add_argument("--rewards", default=None, help="reward spec per objective, comma-separated")
-    ev.add_argument("--split", default="test")
+    ev.add_argument("--split", default="test", help="prompt split or a JSONL prompt file")
     ev.add_argument("--limit", type=int, default=None, help="first N prompts")
     ev.add_argument(
         "--gamma",
@@ -444,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
             "--simplex-steps", type=int, default=None, help="default sweep's grid step 1/N"
         )
         cmd.add_argument("--rewards", default=None, help="reward spec per objective")
-        cmd.add_argument("--split", default="validation")
+        cmd.add_argument(
+            "--split", default="validation", help="prompt split or a JSONL prompt file"
+        )
         cmd.add_argument(
             "--limit", type=int, default=None, help="first N prompts (default: all; few are noisy)"
         )
@@ -472,8 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--rank", type=int, default=4, help="LoRA rank (demo: 4)")
             cmd.add_argument(
                 "--targets",
-                default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                help="LoRA target modules (demo: every linear)",
+                default="all-linear",
+                help="LoRA target modules: names, 'auto' or 'all-linear' (default, as the demo)",
             )
     from training.cli import add_train_commands
 

@@ -280,3 +280,19 @@ def uses_conv1d(model: torch.nn.Module, targets: tuple[str, ...] | list[str]) ->
         isinstance(module, Conv1D) and name.rsplit(".", 1)[-1] in targets
         for name, module in model.named_modules()
     )
+
+
+def resolve_lora_targets(spec: str, model_path: Path) -> tuple[str, ...]:
+    """LoRA target modules from a command-line spec: `auto` (the model's defaults, see
+    default_lora_targets), `all-linear` (every Linear/Conv1D of its layers, routers aside),
+    or comma-separated names. The model is built on the meta device: no weights are read."""
+    if spec not in ("auto", "all-linear"):
+        return tuple(name.strip() for name in spec.split(",") if name.strip())
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(Path(model_path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if spec == "all-linear":
+        return tuple(linear_layer_names(model))
+    return default_lora_targets(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from training.prompts import SPLITS, load_prompts
@@ -47,3 +49,25 @@ def test_aliases_and_unknown_split():
     assert load_prompts("val") == load_prompts("validation")
     with pytest.raises(ValueError, match="unknown prompt split 'training'"):
         load_prompts("training")
+
+
+def test_a_users_jsonl_file_is_a_split(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"prompt": "first"}\n\n{"id": "x", "prompt": "second"}\n')
+    assert load_prompts(str(path)) == [
+        {"prompt": "first", "id": "mine-1"},
+        {"id": "x", "prompt": "second"},
+    ]
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match=r"mine.jsonl:2: expected"):
+        load_prompts(str(path))
+    with pytest.raises(ValueError, match="missing.jsonl: prompt file does not exist"):
+        load_prompts(str(tmp_path / "missing.jsonl"))
+
+
+def test_printed_metrics_are_strict_json():
+    from training.common import strict_json
+
+    text = strict_json({"rank_acc": float("nan"), "curve": [1.0, float("inf")], "n": 3})
+    assert text == '{"rank_acc": null, "curve": [1.0, null], "n": 3}'
+    assert json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

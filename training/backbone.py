@@ -392,6 +392,7 @@ def train_backbone_store(
                 max_prompts=settings.get("max_prompts"),  # type: ignore[arg-type]
                 max_new_tokens=int(settings.get("max_completion_length", 32)),  # type: ignore[arg-type]
                 seed=int(settings.get("seed", 0)),  # type: ignore[arg-type]
+                split=str(settings.get("split", "train")),
             )
             scale_path.parent.mkdir(parents=True, exist_ok=True)
             scale_path.write_text(json.dumps(fitted, indent=2) + "\n")

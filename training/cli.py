@@ -8,12 +8,12 @@ setting) without a traceback. Re-running a command on the same output folder res
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from training.common import TrainingError, parse_floats, parse_names
+from training.common import TrainingError, check_base, parse_floats, parse_names, strict_json
 
+SPLIT_HELP = 'a prompt split (train, validation, test) or a JSONL file of {"prompt": ...} lines'
 _EXPECTED = (TrainingError, ValueError, OSError)  # StoreError and RewardError are subclasses
 
 
@@ -35,6 +35,16 @@ def _run(command: str, func, args: argparse.Namespace) -> int:
         return 130
 
 
+def _targets(args: argparse.Namespace) -> tuple[str, ...]:
+    """--targets resolved against --base (auto, all-linear or names)."""
+    from model_store.architectures import resolve_lora_targets
+
+    try:
+        return resolve_lora_targets(args.targets, check_base(args.base))
+    except ValueError as exc:
+        raise TrainingError(f"--targets: {exc}") from None
+
+
 def _rl_settings(args: argparse.Namespace) -> dict:
     settings = {
         "steps": args.steps,
@@ -42,7 +52,7 @@ def _rl_settings(args: argparse.Namespace) -> dict:
         "lr": args.lr,
         "rank": args.rank,
         "lora_alpha": args.lora_alpha,
-        "targets": tuple(parse_names(args.targets)),
+        "targets": _targets(args),
         "prompts_per_step": args.prompts_per_step,
         "num_generations": args.num_generations,
         "max_completion_length": args.max_completion_length,
@@ -126,6 +136,8 @@ def _value_config(args: argparse.Namespace):
         objective=args.objective,
         reward_scale=scale,
         out=args.out,
+        train_split=args.split,
+        val_split=args.val_split,
         max_train_prompts=args.max_prompts,
         max_val_prompts=args.max_val_prompts,
         sampling=SamplingSettings(
@@ -138,7 +150,7 @@ def _value_config(args: argparse.Namespace):
         lr=args.lr,
         rank=args.rank,
         lora_alpha=args.lora_alpha,
-        targets=tuple(parse_names(args.targets)),
+        targets=_targets(args),
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
@@ -156,7 +168,7 @@ def _value(args: argparse.Namespace) -> int:
         f"{m['final_train_mse']:.4f}"
     )
     if m["validation"]:
-        print("validation: " + json.dumps(m["validation"]))
+        print("validation: " + strict_json(m["validation"]))
     print(f"adapter: {result.adapter_dir}\nhead: {result.head_path}")
     return 0
 
@@ -166,7 +178,7 @@ def _value_curve(args: argparse.Namespace) -> int:
 
     sizes = [int(v) for v in parse_floats(args.sizes, "--sizes")]
     for row in learning_curve(_value_config(args), args.samples, sizes):
-        print(json.dumps(row))
+        print(strict_json(row))
     print(f"curve: {args.out / 'curve.json'}")
     return 0
 
@@ -177,7 +189,12 @@ def _common(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--lr", type=float, default=lr, help=f"learning rate (default {lr})")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--lora-alpha", type=int, default=16)
-    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules")
+    parser.add_argument(
+        "--targets",
+        default="auto",
+        help="LoRA target modules: comma-separated names, 'auto' (the base's defaults: PEFT's "
+        "mapping for its model type, e.g. q_proj,v_proj; c_attn on GPT-2) or 'all-linear'",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -189,7 +206,7 @@ def _rl_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-per-step", type=int, default=2)
     parser.add_argument("--num-generations", type=int, default=4, help="GRPO group size")
     parser.add_argument("--max-completion-length", type=int, default=32)
-    parser.add_argument("--split", default="train", help="prompt split")
+    parser.add_argument("--split", default="train", help=SPLIT_HELP)
     parser.add_argument("--max-prompts", type=int, default=None)
     parser.add_argument("--save-steps", type=int, default=25, help="checkpoint every N steps")
 
@@ -255,6 +272,10 @@ def _value_options(value: argparse.ArgumentParser) -> None:
     value.add_argument("--samples-per-prompt", type=int, default=4, help="1 greedy + N-1 sampled")
     value.add_argument("--max-new-tokens", type=int, default=32)
     value.add_argument("--temperature", type=float, default=1.0)
+    value.add_argument("--split", default="train", help=SPLIT_HELP)
+    value.add_argument(
+        "--val-split", default="validation", help="validation prompts: " + SPLIT_HELP
+    )
     value.add_argument("--max-prompts", type=int, default=None, help="train prompts to use")
     value.add_argument("--max-val-prompts", type=int, default=None)
     value.add_argument(

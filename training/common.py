@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -115,3 +116,21 @@ def guard_run_settings(out: Path, wanted: dict) -> None:
     else:
         out.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
+def finite_or_none(value: object) -> object:
+    """`value` with every NaN or infinity (at any depth of dicts and lists) replaced by None,
+    so it is valid JSON: a validation accuracy with no pairs to rank is unknown, not NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: object, **options: object) -> str:
+    """json.dumps that never writes NaN or Infinity (which JSON does not have): see
+    finite_or_none."""
+    return json.dumps(finite_or_none(value), allow_nan=False, **options)  # type: ignore[arg-type]

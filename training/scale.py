@@ -130,21 +130,23 @@ def fit_scale_on_base(
     max_prompts: int | None = None,
     max_new_tokens: int = 32,
     seed: int = 0,
+    split: str = "train",
 ) -> dict:
-    """Sample the base on the training prompts (1 greedy + the rest at temperature 1,
-    top-p 0.9, top-k 50) and fit `reward_scale` on those responses."""
+    """Sample the base on the training prompts `split` (a split name or a JSONL file; 1
+    greedy + the rest at temperature 1, top-p 0.9, top-k 50) and fit `reward_scale` on those
+    responses."""
     from training.common import load_base, pick_device, prompt_texts
     from training.rewards import get_reward
     from training.sampling import SamplingSettings, generate_samples
 
     model, tokenizer = load_base(base, pick_device())
-    prompts = prompt_texts("train", max_prompts)
+    prompts = prompt_texts(split, max_prompts)
     settings = SamplingSettings(samples_per_prompt, max_new_tokens)
     samples = generate_samples(model, tokenizer, prompts, settings, seed, progress=False)
     texts, responses = [s.prompt for s in samples], [s.response for s in samples]
     scores = {spec: get_reward(spec)(texts, responses) for spec in rewards}
     source = (
-        f"{base.name}: {len(prompts)} train prompts x {samples_per_prompt} responses "
+        f"{base.name}: {len(prompts)} {Path(split).name} prompts x {samples_per_prompt} responses "
         f"(1 greedy, rest sampled), {max_new_tokens} new tokens, seed {seed}"
     )
     return fit_reward_scale(scores, source)

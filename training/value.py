@@ -37,11 +37,13 @@ from tqdm.auto import tqdm
 from guidance.value_head import ValueHead, load_value_head, save_value_head
 from training.common import (
     TrainingError,
+    finite_or_none,
     guard_run_settings,
     load_base,
     pick_device,
     prompt_texts,
     seed_everything,
+    strict_json,
 )
 from training.rewards import RewardError, get_reward
 from training.sampling import (
@@ -378,7 +380,8 @@ def _exported_metrics(
     if not (path.is_file() and adapter_dir.is_dir() and head_path.is_file()):
         return None
     metrics = json.loads(path.read_text())
-    same = metrics.get("epoch") == chosen and metrics.get("history") == history
+    # The file holds null where the history has NaN (strict JSON): compare them so.
+    same = metrics.get("epoch") == chosen and metrics.get("history") == finite_or_none(history)
     return metrics if same else None
 
 
@@ -490,6 +493,6 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     }
     peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
     save_value_head(head.to_value_head(), head_path)
-    (config.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (config.out / "metrics.json").write_text(strict_json(metrics, indent=2) + "\n")
     epochs_run = max(0, config.epochs - start_epoch)
     return ValueTrainResult(adapter_dir, head_path, metrics, epochs_run, resumed)

@@ -11,10 +11,9 @@ folder and resumes like any value-model run.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-from training.common import TrainingError
+from training.common import TrainingError, strict_json
 from training.sampling import load_samples, save_samples
 from training.value import ValueTrainConfig, train_value_model
 
@@ -46,5 +45,5 @@ def learning_curve(config: ValueTrainConfig, samples: Path, sizes: list[int]) ->
                 "pairs": validation.get("pairs"),
             }
         )
-        (Path(config.out) / "curve.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (Path(config.out) / "curve.json").write_text(strict_json(rows, indent=2) + "\n")
     return rows
