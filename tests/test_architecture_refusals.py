@@ -27,7 +27,7 @@ def edit_base_config(store, **changes) -> None:
 
 
 REFUSALS = [
-    ({"model_type": "opt"}, r"model_type 'opt' is not an architecture this server is tested"),
+    ({"model_type": "xlnet"}, r"model_type 'xlnet' is not an architecture this server is tested"),
     (
         {"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}},
         r"quantized checkpoints \(quant_method='bitsandbytes'\) are not served",
