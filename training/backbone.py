@@ -37,6 +37,7 @@ from training.common import (
     pick_device,
     prompt_texts,
     seed_everything,
+    strict_json,
 )
 from training.rewards import RewardError, get_reward
 from training.scale import RewardScale
@@ -206,6 +207,26 @@ def _finished_run(config: BackboneTrainConfig, latest: Path | None) -> BackboneT
     return BackboneTrainResult(adapter_dir, done, 0, latest, {}, [])
 
 
+def _print_logs_as_json(trainer, progress: bool) -> None:
+    """Replace the Trainer's log printers, which print Python dict reprs (single quotes,
+    bare nan), with one strict JSON line per log, so printed metrics parse."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class JsonProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs:
+                self.training_bar.write(strict_json(logs))
+
+    class JsonPrinter(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_local_process_zero and logs:
+                print(strict_json(logs), flush=True)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(JsonProgress() if progress else JsonPrinter())
+
+
 def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
     """Train one backbone with GRPO on h_i (Eq. 11); resumes from ``out/checkpoints``."""
     from peft import LoraConfig
@@ -298,7 +319,7 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
                 entry = {"step": state.global_step, **logs}
                 history.append(entry)
                 with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(entry) + "\n")
+                    handle.write(strict_json(entry) + "\n")
 
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -316,6 +337,7 @@ def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
         )
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"cannot set up GRPO training: {exc}") from None
+    _print_logs_as_json(trainer, config.progress)
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except RewardError as exc:
