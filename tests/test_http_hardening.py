@@ -1,4 +1,4 @@
-"""Issue 11 at the HTTP edge: every bad input gets a 4xx {error, error_type}, strictly typed
+"""The HTTP edge: every bad input gets a 4xx {error, error_type}, strictly typed
 and bounded by the schema; body limits; deadlines the engine cannot stretch."""
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def test_long_text_is_refused_by_length_before_tokenising(loaded):
         huge = post(url, {"inputs": "word " * 2_000_000})  # 10 MB
         elapsed = time.monotonic() - start
         assert_error(huge, 422, "validation", f"`inputs` must have at most {CHAR_LIMIT} characters")
-        assert elapsed < 5  # tokenising 10 MB takes tens of seconds on this machine
+        assert elapsed < 5  # tokenising 10 MB takes tens of seconds on a 2-core CPU
         chat = {"messages": [{"role": "user", "content": "a" * CHAR_LIMIT}] * 2}
         assert_error(
             post(url, chat),
