@@ -9,8 +9,8 @@ from tests.http_server import running_server
 
 EXAMPLES = 120
 """Per operation and mode (schema-valid, schema-violating): five generating operations (TGI's
-three, OpenAI's two), about 1200 requests, 20-30 s on this 2-core machine when it is
-otherwise idle, 1-2 minutes when other jobs share it."""
+three, OpenAI's two), about 1200 requests, 20-30 s on an otherwise idle 2-core CPU,
+1-2 minutes when other jobs share it."""
 
 
 def test_checks_catch_what_they_are_for():
