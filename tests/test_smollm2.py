@@ -97,7 +97,7 @@ def test_committed_demo_stores_are_complete_and_valid(folder, objectives, backbo
     assert [s.weights for s in manifest.specialists] == np.eye(n).tolist()
     assert [v.objective for v in manifest.guidance.explicit] == objectives
     assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
-    # issue 9: rewards on a fixed scale, and a gamma tuned for every guided mode
+    # rewards on a fixed scale, and a gamma tuned for every guided mode
     assert manifest.reward_scale is not None and manifest.reward_scale.hv_reference == [-2] * n
     assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES
 
@@ -121,7 +121,7 @@ def test_make_serve_store3_steers_three_objectives():
 
 
 def test_every_committed_demo_file_is_under_5_mb():
-    """Issue 9: the embedded stores stay in plain git, so no file reaches 5 MB."""
+    """The embedded stores stay in plain git, so no file reaches 5 MB."""
     sizes = {p.relative_to(DEMO): p.stat().st_size for p in DEMO.rglob("*") if p.is_file()}
     assert sizes and len([p for p in sizes if p.suffix == ".safetensors"]) >= 8
     assert {str(p): n for p, n in sizes.items() if n >= 5_000_000} == {}

@@ -92,7 +92,7 @@ class DemoSettings:
     """Seed of the backbones' and specialists' GRPO runs. Seed 0 trains them in
     `work/<kind>-<objective>`; another seed in `work/<kind>-<objective>-seed<k>`, so builds of
     several seeds share one --work and with it the base samples, the reward scale and the value
-    models (issue 9 asks for the spread of the adapters across seeds)."""
+    models (what measuring the spread of the adapters across seeds needs)."""
     value_seed: int = 0
     """Seed of the base samples and the value models, the same for every adapter seed."""
 
