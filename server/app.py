@@ -141,8 +141,11 @@ def _service_routes(app: FastAPI, state: ServingState, gateway: Gateway) -> None
         summary="Liveness: 200 while the process serves HTTP and its engine steps",
     )
     async def health() -> Response:
-        # 503 once the engine thread died or stalled, so Kubernetes restarts the pod.
+        # 503 once the engine thread died or stalled, or the store failed to load (a server
+        # that can never become ready), so Kubernetes restarts the pod and shows why.
         reason = state.engine.health() if state.engine is not None else None
+        if reason is None and state.load_failed:
+            reason = "the model store failed to load (the server log says why)"
         if reason is not None:
             return error_response(503, f"unhealthy: {reason}", "unavailable")
         return JSONResponse({"status": "ok"})

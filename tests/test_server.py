@@ -121,10 +121,15 @@ def test_mode_missing_from_store_is_422(tmp_path):
 
 def test_not_ready_is_503(tmp_path, caplog):
     with running_server(None, wait_ready=False, store=str(tmp_path / "missing")) as url:
-        time.sleep(0.5)
+        assert wait_for(lambda: "failed" in httpx.get(f"{url}/ready").text)
         ready = httpx.get(f"{url}/ready")
         generate = httpx.post(f"{url}/generate", json=body())
-        assert httpx.get(f"{url}/health").status_code == 200
+        health = httpx.get(f"{url}/health")
+    assert health.status_code == 503  # never ready: liveness fails too, so the pod restarts
+    assert (
+        health.json()["error"]
+        == "unhealthy: the model store failed to load (the server log says why)"
+    )
     assert ready.status_code == 503 and ready.json() == {
         "error": "not ready: the model store failed to load (the server log says why)",
         "error_type": "unavailable",
