@@ -89,6 +89,14 @@ class EngineConfig:
     """With work waiting, no completed loop for this long makes `health()` report a stall."""
 
 
+DEADLINE_PASSED = "request exceeded its deadline"
+
+
+def _past(handle: RequestHandle, now: float) -> bool:
+    deadline = handle.request.deadline
+    return deadline is not None and now > deadline
+
+
 def _done(events: list[Event]) -> bool:
     return bool(events) and (isinstance(events[-1], ErrorEvent) or events[-1].details is not None)
 
@@ -241,7 +249,9 @@ class Engine:
         self._settle(prefilled=any(batch is self.prefilling for batch, _ in ready))
 
     def _schedule(self) -> None:
-        """Drop abandoned sequences, then start the next prefill group if none is running."""
+        """Drop abandoned requests, queued or running, then start the next prefill group if
+        none is running."""
+        self._expire_waiting()
         for batch in (self.decoding, self.prefilling):
             if batch is not None:
                 for seq in batch.members:
@@ -296,6 +306,23 @@ class Engine:
             self.prefilling = None
 
     # --- admission ----------------------------------------------------------------------
+    def _expire_waiting(self) -> None:
+        """Finish queued requests that were cancelled or passed their deadline while waiting,
+        so they leave the queue (and mage_queue_size, the autoscaler's signal) at once
+        instead of when a slot frees up, and get their answer from the engine."""
+        now = time.monotonic()
+        with self._lock:
+            expired = [h for h in self.waiting if h.cancelled.is_set() or _past(h, now)]
+            if not expired:
+                return
+            gone = set(map(id, expired))
+            self.waiting = deque(h for h in self.waiting if id(h) not in gone)
+        for handle in expired:
+            if handle.cancelled.is_set():
+                self._finish_handle(handle, "cancelled", None)
+            else:
+                self._finish_handle(handle, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
+
     def _next_group(self) -> Batch | None:
         if self._retry:
             return self._start([self._retry.popleft()])
@@ -372,6 +399,9 @@ class Engine:
         if handle.cancelled.is_set():
             self._finish_handle(handle, "cancelled", None)
             return None
+        if _past(handle, time.monotonic()):
+            self._finish_handle(handle, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
+            return None
         plan, hit = (request.plan, False) if request.plan is not None else self._plan_for(request)
         seed, generator = request.sampling.seed, None
         if not request.sampling.greedy:
@@ -407,7 +437,7 @@ class Engine:
         if seq.handle.cancelled.is_set():
             self._finish(seq, "cancelled", None)
         elif seq.request.deadline is not None and time.monotonic() > seq.request.deadline:
-            self._finish(seq, "timeout", ErrorEvent("request exceeded its deadline", "timeout"))
+            self._finish(seq, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
 
     def _emit(self, seq: Sequence, pick: Pick) -> None:
         if seq.finished:
@@ -498,5 +528,6 @@ class Engine:
             self._accepted -= 1
         if event is not None:
             handle.on_event(event)
-        elapsed = time.monotonic() - handle.submitted_at
-        self.observer.finished(outcome, elapsed, generated, self.running)
+        if handle.settle():  # counted once, even if the HTTP layer gave up on it first
+            elapsed = time.monotonic() - handle.submitted_at
+            self.observer.finished(outcome, elapsed, generated, self.running)

@@ -116,7 +116,19 @@ class RequestHandle:
     on_event: Callable[[Event], None]
     submitted_at: float
     cancelled: threading.Event = field(default_factory=threading.Event)
+    counted: bool = True
+    """Whether this request's outcome is a request of its own in the metrics (False for an
+    OpenAI request's second and later choices: the HTTP request is counted once)."""
+    _settled: bool = False
+    _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def cancel(self) -> None:
         """Stop generating at the next decode step and free the slot."""
         self.cancelled.set()
+
+    def settle(self) -> bool:
+        """True for the first caller only: whoever settles a request (the engine finishing
+        it, or the HTTP layer giving up on it at its deadline) counts its one outcome."""
+        with self._settle_lock:
+            first, self._settled = not self._settled, True
+        return first and self.counted

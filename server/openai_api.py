@@ -232,7 +232,8 @@ async def _stream(gateway: Gateway, reply: Reply, submitted: list[Submitted]) ->
         yield "data: [DONE]\n\n"
     except Exception:  # headers are sent: the error can only be an event now
         log.exception("stream failed")
-        gateway.state.metrics.rejected("internal")
+        if any(one.handle.settle() for one in submitted):  # once, not again by the engine
+            gateway.state.metrics.rejected("internal")
         yield _data(openai_error(500, "internal server error", "internal"))
     finally:  # client gone (task cancelled) or stream done: free the engine slots
         gateway.cancel(submitted)

@@ -138,12 +138,13 @@ class Gateway:
         _, engine = self.ready()
         loop = asyncio.get_running_loop()
         submitted: list[Submitted] = []
-        for request in requests:
+        for index, request in enumerate(requests):
             events: asyncio.Queue[Event] = asyncio.Queue()
             handle = RequestHandle(
                 request,
                 lambda e, q=events: loop.call_soon_threadsafe(q.put_nowait, e),
                 time.monotonic(),
+                counted=index == 0,  # one HTTP request, one outcome, however many choices
             )
             try:
                 engine.submit(handle)
@@ -163,8 +164,12 @@ class Gateway:
     async def next_event(self, one: Submitted, http: Request | None = None) -> Event | None:
         """The engine's next event, or an error event once the deadline passes or the engine
         dies or stalls; None if the client went away. Either way no request outlives its
-        deadline and none waits on a dead engine."""
+        deadline and none waits on a dead engine. With `http`, a client that went away is
+        noticed at its request's next event (one decode step), not only when events pause."""
         while True:
+            if http is not None and await http.is_disconnected():
+                one.handle.cancel()
+                return None
             remaining = one.until - time.monotonic()
             if remaining <= 0:
                 return self._timed_out(one.handle)
@@ -176,16 +181,16 @@ class Gateway:
                 if reason is not None:
                     one.handle.cancel()
                     return ErrorEvent(f"unavailable: {reason}", "unavailable")
-                if http is not None and await http.is_disconnected():
-                    one.handle.cancel()
-                    return None
 
     def _timed_out(self, handle: RequestHandle) -> ErrorEvent:
+        """The engine answers a request that passes its deadline itself (queued or running);
+        this is for an engine that did not, within the grace after it."""
         handle.cancel()
-        self.state.metrics.rejected("timeout")
-        log.warning(
-            "request %s: no answer from the engine by its deadline", handle.request.request_id
-        )
+        if handle.settle():
+            self.state.metrics.rejected("timeout")
+            log.warning(
+                "request %s: no answer from the engine by its deadline", handle.request.request_id
+            )
         return ErrorEvent("request exceeded its deadline", "timeout")
 
 

@@ -161,7 +161,8 @@ def register(app: FastAPI, gateway: Gateway, body_type: Any) -> None:
                         return
             except Exception:  # headers are sent: the error can only be an event now
                 log.exception("request %s: stream failed", one.handle.request.request_id)
-                gateway.state.metrics.rejected("internal")
+                if one.handle.settle():  # counted once: the engine will not count it too
+                    gateway.state.metrics.rejected("internal")
                 yield sse_error("internal server error", "internal")
             finally:  # client gone (task cancelled) or stream done: free the engine slot
                 one.handle.cancel()
