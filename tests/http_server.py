@@ -62,3 +62,13 @@ def metric(url: str, name: str) -> float:
             if head == name or head.startswith(name + "{"):
                 total += float(value)
     return total
+
+
+def wait_for(predicate, seconds: float = 20.0) -> bool:
+    """Poll `predicate` until it holds (True) or `seconds` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False

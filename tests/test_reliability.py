@@ -17,7 +17,7 @@ from guidance.engine import Engine, EngineConfig, EngineObserver
 from guidance.requests import ErrorEvent, RequestHandle
 from model_store.loader import load_store
 from tests.common import make_request
-from tests.http_server import metric, serving
+from tests.http_server import metric, serving, wait_for
 
 STEP_DELAY_S = 0.02
 """Each engine step is slowed by this much in the HTTP tests, so a 240-token generation
@@ -27,15 +27,6 @@ lasts seconds whatever the machine: what is tested is who stops it, not how fast
 @pytest.fixture(scope="module")
 def loaded(tiny_store):
     return load_store(tiny_store, "cpu", "float32")
-
-
-def wait_for(predicate, seconds: float = 20.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def slow_steps(state) -> None:

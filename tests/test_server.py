@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import httpx
 import pytest
 
 from model_store.loader import load_store
 from tests.common import build_tiny_store
-from tests.http_server import metric, running_server
+from tests.http_server import metric, running_server, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +135,6 @@ def test_not_ready_is_503(tmp_path, caplog):
     }  # no filesystem path for unauthenticated clients: the reason is in the log
     assert f"{tmp_path / 'missing'}: store folder does not exist" in caplog.text
     assert generate.status_code == 503 and generate.json()["error_type"] == "unavailable"
-
-
-def wait_for(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_disconnect_frees_the_engine(tiny_store):
