@@ -49,6 +49,27 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+def _env(container: dict, name: str, default: str) -> str:
+    return next((e["value"] for e in container.get("env", []) if e["name"] == name), default)
+
+
+def test_the_grace_period_covers_the_longest_drain():
+    """Kubernetes kills a pod terminationGracePeriodSeconds after it starts terminating:
+    that must cover the preStop sleep and the longest a request may still run (its
+    deadline, plus the HTTP layer's grace after it), or a drain cuts generations off."""
+    from server.relay import DEADLINE_GRACE_S
+    from server.settings import ServerSettings
+
+    for deployment in by_kind(load_docs(DEPLOY / "kubernetes/deployment.yaml"), "Deployment"):
+        spec = deployment["spec"]["template"]["spec"]
+        (container,) = [c for c in spec["containers"] if c["name"] == "mage-server"]
+        default = str(ServerSettings.model_fields["request_timeout_s"].default)
+        timeout = float(_env(container, "MAGE_REQUEST_TIMEOUT_S", default))
+        command = container["lifecycle"]["preStop"]["exec"]["command"]
+        sleep = float(command[1]) if command[0] == "sleep" else 0.0
+        assert spec["terminationGracePeriodSeconds"] >= sleep + timeout + DEADLINE_GRACE_S
+
+
 def test_every_kustomization_is_consistent():
     assert {p.name for p in KUSTOMIZATIONS} >= {
         "kubernetes",
