@@ -29,6 +29,7 @@ from guidance.batch import Batch
 from guidance.detokenize import IncrementalDetokenizer
 from guidance.kv import return_free_memory
 from guidance.plan import DecodePlan, build_plan, round_preference
+from guidance.plan_cache import MergeCache
 from guidance.requests import (
     ErrorEvent,
     Event,
@@ -39,7 +40,6 @@ from guidance.requests import (
 )
 from guidance.sampling import Pick, choose_tokens
 from guidance.sequence import Sequence
-from merging.cache import MergeCache
 from model_store.loader import LoadedStore
 
 log = logging.getLogger("mage.engine")

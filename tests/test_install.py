@@ -181,7 +181,7 @@ def test_server_import_closure_has_no_training_or_evaluation_packages():
     # dependencies of the server's own requirements (huggingface_hub, peft).
     code = (
         "import sys, server.app, cli.main, guidance.engine, guidance.batch, merging.registry, "
-        "merging.cache, model_store.loader, model_store.validate, model_store.builder; "
+        "guidance.plan_cache, model_store.loader, model_store.validate, model_store.builder; "
         "cli.main.build_parser().parse_args(['serve']); print(' '.join(sorted(sys.modules)))"
     )
     done = subprocess.run(

@@ -1,4 +1,6 @@
-"""LRU cache, under a byte budget, for what a preference needs materialised."""
+"""LRU cache, under a byte budget, for what a preference needs materialised: the engine's
+decode plans (guidance.plan), hence here beside them rather than in merging/, which stays
+pure tensor functions plus their registry."""
 
 from __future__ import annotations
 
