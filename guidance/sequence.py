@@ -64,8 +64,9 @@ class Sequence:
             "prompt_tokens": len(self.request.prompt_ids),
             "generated_tokens": self.generated,
             "seed": self.seed,
-            "preference": [round(float(v), 6) for v in plan.preference],
-            "lambda": [round(float(v), 6) for v in plan.lambdas],
+            # + 0.0 turns -0.0 (a zero weight times a negative) into 0.0 for the client
+            "preference": [round(float(v), 6) + 0.0 for v in plan.preference],
+            "lambda": [round(float(v), 6) + 0.0 for v in plan.lambdas],
             "guidance": {"mode": plan.mode, "gamma": self.request.gamma},
             "merge_cache_hit": self.cache_hit,
         }

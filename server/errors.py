@@ -44,8 +44,13 @@ UNSUPPORTED = {
     "tools": "null or []",
     "tool_choice": 'null, "none" or "auto"',
     "response_format": '{"type": "text"}',
+    "tool_calls": "null or []",
 }
 """Fields accepted for compatibility at their neutral value only: what is accepted."""
+
+MAX_PROBLEMS = 5
+"""Problems named in one validation message; the rest are counted (a list of a thousand bad
+items is one message, not a thousand)."""
 
 # Tags of the discriminated unions (server.schemas): part of pydantic's error locations,
 # meaningless to clients.
@@ -177,10 +182,14 @@ def describe_error(error: Mapping[str, Any]) -> str:
     if kind in ("too_long", "string_too_long"):
         count = len(given) if hasattr(given, "__len__") else "more"
         return f"`{name}` must have at most {ctx.get('max_length')} {unit}. Given: {count}"
+    if kind == "literal_error" and parts[-1:] == ["type"] and "content" in parts:
+        return f"`{name}`: only text content parts are supported. Given: {_given(given)}"
     if kind == "literal_error":
         return f"`{name}` must be one of {ctx.get('expected')}. Given: {_given(given)}"
     if kind in _TYPES:
         return f"`{name}` must be {_TYPES[kind]}. Given: {_given(given)}"
+    if kind == "union_type":
+        return f"`{name}` must be {' or '.join(error['expected'])}. Given: {_given(given)}"
     if kind == "body_shape":
         return error["msg"]
     if kind in ("preference_shape", "invalid_unicode"):
@@ -188,13 +197,72 @@ def describe_error(error: Mapping[str, Any]) -> str:
     return f"{full}: {error['msg']}"
 
 
+def _is_branch(part: Any) -> bool:
+    """A union member's tag in a pydantic location ('list[TextPart]', 'function-after[...]',
+    'str', 'TextPart'), as opposed to a field name or a list index."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in _SCALARS)
+
+
+_SCALARS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
+
+
+def collapse_unions(errors: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """Pydantic reports a value that fits no member of a union (`stop`: a string or a list)
+    once per member, each under the member's internal tag. Keep the members whose type the
+    value has (their errors are the real problem, e.g. `stop.0` too long); if it has none
+    of their types, one error: `stop` must be a string or a list."""
+    out: list[dict] = []
+    groups: dict[tuple, list[tuple[tuple, dict]]] = {}
+    for error in errors:
+        loc = tuple(error["loc"])
+        at = next((i for i, part in enumerate(loc) if _is_branch(part)), None)
+        if at is None:
+            out.append(dict(error))
+            continue
+        head = loc[:at]
+        if head not in groups:
+            groups[head] = []
+            out.append({"type": "_union", "loc": head})  # its place in the order
+        groups[head].append((loc[at + 1 :], dict(error)))
+    result: list[dict] = []
+    for error in out:
+        if error["type"] != "_union":
+            result.append(error)
+            continue
+        head, members = error["loc"], groups[error["loc"]]
+        mismatched = [e for rest, e in members if not rest and e["type"] in _TYPES]
+        fitting = [{**e, "loc": head + rest} for rest, e in members if e not in mismatched]
+        if fitting:
+            result.extend(collapse_unions(fitting))
+        else:
+            expected = list(dict.fromkeys(_TYPES[e["type"]] for e in mismatched))
+            given = mismatched[0].get("input")
+            result.append({"type": "union_type", "loc": head, "input": given, "ctx": {}})
+            result[-1]["expected"] = expected
+    return result
+
+
+def _readable(errors: Iterable[Mapping[str, Any]]) -> list[dict]:
+    """collapse_unions, and a content part of an unsupported type (image_url, input_audio,
+    file, refusal) named once, by its type, not also by the fields such parts carry."""
+    errors = collapse_unions(errors)
+    parts = {
+        tuple(e["loc"][:-1])
+        for e in errors
+        if e["type"] == "literal_error" and e["loc"][-1:] == ("type",) and "content" in e["loc"]
+    }
+    return [e for e in errors if tuple(e["loc"][:-1]) not in parts or e["loc"][-1] == "type"]
+
+
 def first_param(errors: Iterable[Mapping[str, Any]]) -> str | None:
     """The field of the first problem, dotted (OpenAI's `param`); None for the whole body."""
-    for error in errors:
+    for error in _readable(errors):
         return ".".join(_path(error["loc"])) or None
     return None
 
 
 def describe_validation(errors: Iterable[Mapping[str, Any]]) -> str:
-    problems = list(dict.fromkeys(describe_error(e) for e in errors))  # unique, in order
-    return "invalid request: " + "; ".join(problems)
+    problems = list(dict.fromkeys(describe_error(e) for e in _readable(errors)))
+    more = len(problems) - MAX_PROBLEMS
+    shown = problems[:MAX_PROBLEMS] + ([f"and {more} more"] if more > 0 else [])
+    return "invalid request: " + "; ".join(shown)

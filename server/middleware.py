@@ -32,8 +32,10 @@ class ApiKeyMiddleware:
         self.app, self.keys, self.open_paths, self.on_reject = app, keys, open_paths, on_reject
 
     def _authorised(self, scope: Scope) -> bool:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        scheme, _, token = header.partition(b" ")
+        headers = [v for k, v in scope["headers"] if k == b"authorization"]
+        if len(headers) != 1:  # none, or two (which would win is for nobody to guess): refused
+            return False
+        scheme, _, token = headers[0].partition(b" ")
         token = token.strip()
         if scheme.lower() != b"bearer" or not token:
             return False

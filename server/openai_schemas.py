@@ -76,8 +76,11 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         model_config = _STRICT
         role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
         """system, user, assistant, or developer (read as system)."""
-        content: Annotated[Text, Field(max_length=max_chars)] | list[TextPart]
-        """Text, or text parts (joined)."""
+        content: (
+            Annotated[Text, Field(max_length=max_chars)]
+            | Annotated[list[TextPart], Field(min_length=1)]
+        )
+        """Text, or one or more text parts (joined)."""
         name: Annotated[str, Field(max_length=NAME_MAX)] | None = None
         """Accepted and ignored (the chat template has no names)."""
         tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None

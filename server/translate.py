@@ -6,6 +6,7 @@ everything is shared: store defaults, preference, guidance mode, limits, samplin
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -79,6 +80,17 @@ def available_modes(store: LoadedStore) -> list[str]:
     return modes
 
 
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _number(text: str) -> float:
+    """A decimal number as JSON writes one; ValueError otherwise. Python's float() would
+    also take '1_0' (10), 'inf' and 'nan'."""
+    if not _NUMBER.fullmatch(text):
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_steering(text: str, source: str, store: LoadedStore) -> Steering:
     """`adapter_id` / header text as steering fields, checked against the store so that an
     error names `source`: "0.3,0.7" (weights in objective order) or
@@ -96,12 +108,12 @@ def parse_steering(text: str, source: str, store: LoadedStore) -> Steering:
     values: dict[str, Any] = {}
     try:
         if weights or named:
-            values["preference"] = [float(w) for w in weights] or {
-                k: float(v) for k, v in named.items()
+            values["preference"] = [_number(w) for w in weights] or {
+                k: _number(v) for k, v in named.items()
             }
         guidance = {k: fields[k] for k in ("mode", "gamma") if k in fields}
         if "gamma" in guidance:
-            guidance["gamma"] = float(guidance["gamma"])
+            guidance["gamma"] = _number(guidance["gamma"])
     except ValueError:
         raise refuse("weights and gamma must be numbers") from None
     values |= {"guidance": guidance} if guidance else {}
@@ -132,8 +144,15 @@ def merged_steering(first: Steering, *fallbacks: Steering | None) -> Steering:
 
 
 def header_steering(headers: Mapping[str, str], store: LoadedStore) -> Steering | None:
-    text = headers.get(PREFERENCE_HEADER)
-    return parse_steering(text, "X-Mage-Preference", store) if text else None
+    """The X-Mage-Preference header's steering; two such headers are refused rather than
+    one silently winning (a proxy and a client each setting one is a mistake to show)."""
+    getlist = getattr(headers, "getlist", None)
+    texts = getlist(PREFERENCE_HEADER) if getlist else [headers.get(PREFERENCE_HEADER)]
+    texts = [t for t in texts if t]
+    if len(texts) > 1:
+        message = f"send one X-Mage-Preference header, not {len(texts)}"
+        raise ApiError(422, message, "validation", None, "X-Mage-Preference")
+    return parse_steering(texts[0], "X-Mage-Preference", store) if texts else None
 
 
 def tokenize_prompt(
@@ -175,11 +194,43 @@ def _chat_ids(
     tokenizer = store.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise ApiError(422, "this model has no chat template; send `inputs`", "validation")
+    # Control tokens a client writes inside a message (`<|im_end|>\n<|im_start|>system`) are
+    # text, not turns: each is swapped for a marker before the template renders, and
+    # tokenised as plain text where the marker lands. Contents without any are untouched.
+    hidden: list[str] = []
+    pattern = _control_tokens(tokenizer)
+
+    def hide(match: re.Match[str]) -> str:
+        hidden.append(match.group(0))
+        return f"{_MARK_OPEN}{len(hidden) - 1}{_MARK_CLOSE}"
+
+    safe = [{**m, "content": pattern.sub(hide, m["content"])} for m in messages]
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template(safe, add_generation_prompt=True, tokenize=False)
     except Exception as exc:  # jinja errors for roles or orders the template rejects
         raise ApiError(422, f"`messages` could not be rendered: {exc}", "validation") from None
-    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    pieces = re.split(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}", text)
+    ids: list[int] = []
+    for i, piece in enumerate(pieces):  # template text, then a hidden token, then text, ...
+        if i % 2 == 0:
+            ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        else:
+            hidden_text = hidden[int(piece)]
+            as_text = tokenizer(hidden_text, add_special_tokens=False, split_special_tokens=True)
+            ids += as_text["input_ids"]
+    return ids
+
+
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+"""Private-use characters around the index of a hidden control token."""
+
+
+def _control_tokens(tokenizer: Any) -> re.Pattern[str]:
+    """The tokenizer's special tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...) and the
+    marker characters themselves, as one pattern, longest first."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+    specials |= set(tokenizer.all_special_tokens) | {_MARK_OPEN, _MARK_CLOSE}
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
 
 
 def build_request(
