@@ -64,7 +64,7 @@ def normalise_preference(
         unknown = sorted(set(preference) - set(objectives))
         if unknown:
             raise PreferenceError(
-                f"unknown objective(s) in `preference`: {unknown}; known: {list(objectives)}"
+                f"unknown objective(s) in `preference`: {_some(unknown)}; known: {list(objectives)}"
             )
         values = [preference.get(name, 0.0) for name in objectives]
     else:
@@ -115,3 +115,10 @@ def bone_soup_coefficients(matrix: torch.Tensor, mu: torch.Tensor, alpha: float)
     (1 + alpha) * sum_i lambda_i Delta_i.
     """
     return (1.0 + alpha) * solve_lambda(matrix, mu)
+
+
+def _some(names: list[str], most: int = 3, chars: int = 40) -> str:
+    """A few of `names`, each cut short: an error quotes what a client sent, boundedly."""
+    shown = [name if len(name) <= chars else name[: chars - 3] + "..." for name in names[:most]]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"{shown}{more}"

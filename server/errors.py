@@ -128,7 +128,8 @@ def dumps(value: Any) -> str:
     return json.dumps(finite_json(value), allow_nan=False)
 
 
-def _given(value: Any) -> str:
+def quote(value: Any) -> str:
+    """What a client sent, as JSON, cut to 80 characters for an error message."""
     if isinstance(value, str | list | dict) and len(value) > 80:
         value = value[:80] if isinstance(value, str | list) else "{...}"  # never dump megabytes
     try:
@@ -173,7 +174,7 @@ def describe_error(error: Mapping[str, Any]) -> str:
         return f"`{name}` is required" if parts else "body is required: a JSON object"
     if kind in _BOUNDS:
         op, key = _BOUNDS[kind]
-        return f"`{name}` must be {op} {_bound(ctx.get(key))}. Given: {_given(given)}"
+        return f"`{name}` must be {op} {_bound(ctx.get(key))}. Given: {quote(given)}"
     if kind == "finite_number":
         return f"`{name}` must be a finite number"
     if kind in ("too_short", "string_too_short"):
@@ -183,13 +184,13 @@ def describe_error(error: Mapping[str, Any]) -> str:
         count = len(given) if hasattr(given, "__len__") else "more"
         return f"`{name}` must have at most {ctx.get('max_length')} {unit}. Given: {count}"
     if kind == "literal_error" and parts[-1:] == ["type"] and "content" in parts:
-        return f"`{name}`: only text content parts are supported. Given: {_given(given)}"
+        return f"`{name}`: only text content parts are supported. Given: {quote(given)}"
     if kind == "literal_error":
-        return f"`{name}` must be one of {ctx.get('expected')}. Given: {_given(given)}"
+        return f"`{name}` must be one of {ctx.get('expected')}. Given: {quote(given)}"
     if kind in _TYPES:
-        return f"`{name}` must be {_TYPES[kind]}. Given: {_given(given)}"
+        return f"`{name}` must be {_TYPES[kind]}. Given: {quote(given)}"
     if kind == "union_type":
-        return f"`{name}` must be {' or '.join(error['expected'])}. Given: {_given(given)}"
+        return f"`{name}` must be {' or '.join(error['expected'])}. Given: {quote(given)}"
     if kind == "body_shape":
         return error["msg"]
     if kind in ("preference_shape", "invalid_unicode"):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
-from server.errors import describe_validation
+from server.errors import describe_validation, quote
 from server.schemas import CHARS_PER_TOKEN_BOUND, ApiError, Steering
 from server.settings import ServerSettings
 
@@ -97,7 +97,8 @@ def parse_steering(text: str, source: str, store: LoadedStore) -> Steering:
     "relevance=0.3,positivity=0.7", either with optional mode=, gamma=, merge_method=."""
 
     def refuse(problem: str) -> ApiError:
-        return ApiError(422, f"`{source}` {problem}. Given: {text!r}", "validation", None, source)
+        message = f"`{source}` {problem}. Given: {quote(text)}"
+        return ApiError(422, message, "validation", None, source)
 
     entries = [entry.partition("=") for entry in text.split(",")]
     fields = {key.strip(): value.strip() for key, sep, value in entries if sep}

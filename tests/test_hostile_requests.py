@@ -140,3 +140,14 @@ def test_two_authorization_headers_are_refused(loaded):
         assert response.status_code == 401
         once = httpx.post(f"{keyed}/generate", json=body, headers=twice[:1], timeout=30)
         assert once.status_code == 200
+
+
+def test_error_messages_quote_what_was_sent_boundedly(url):
+    names = {f"{i}" + "n" * 1000: 1.0 for i in range(50)}
+    body = {"inputs": "hi", "parameters": {"preference": names}}
+    message = httpx.post(f"{url}/generate", json=body, timeout=30).json()["error"]
+    assert len(message) < 400 and message.count("...") == 3 and "and 47 more" in message
+    steering = "x=" + "1" * 5000
+    body = {"inputs": "hi", "parameters": {"adapter_id": steering, "max_new_tokens": 1}}
+    message = httpx.post(f"{url}/generate", json=body, timeout=30).json()["error"]
+    assert len(message) < 300 and "Given: " in message
