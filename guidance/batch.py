@@ -10,7 +10,7 @@ A step: forward the new tokens -> outputs (K, vocab): the log-probabilities of e
 plan reads and the values of every value source, scored against the output embedding in one
 product -> guided scores (members, vocab), each member's weighted sum of its outputs (Eq. 25).
 Value heads are never merged per preference: each value row mixes the store's heads
-(guidance.value_head.HeadBank), so a new preference costs only its coefficient rows.
+(model_store.value_head.HeadBank), so a new preference costs only its coefficient rows.
 """
 
 from __future__ import annotations

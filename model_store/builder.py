@@ -9,11 +9,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel
 
-from guidance.value_head import ValueHead, save_value_head
 from merging.coefficients import circulant_matrix
 from model_store.architectures import default_lora_targets, linear_layer_names, uses_conv1d
 from model_store.manifest import MANIFEST_NAME, StoreManifest
 from model_store.validate import sha256_file
+from model_store.value_head import ValueHead, save_value_head
 
 
 def circulant_backbone_weights(objectives: list[str], beta: float) -> list[list[float]]:

@@ -8,12 +8,12 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from guidance.value_head import HeadBank, ValueHead, load_value_head
 from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
 from model_store.architectures import OutputHead, output_head, verify_output_head
 from model_store.errors import StoreError
 from model_store.multi_lora import RowCoefficients, wrap_linear_layers
 from model_store.validate import CheckedStore, check_store, resolve
+from model_store.value_head import HeadBank, ValueHead, load_value_head
 
 END_OF_DOCUMENT_TOKENS = frozenset({"<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"})
 """Special tokens that end a document in common tokenizers; generating one ends a response."""

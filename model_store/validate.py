@@ -23,6 +23,7 @@ from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
 from model_store.architectures import Architecture, check_architecture
 from model_store.errors import StoreError
 from model_store.manifest import MANIFEST_NAME, StoreManifest
+from model_store.value_head import load_value_head
 
 
 @dataclass(frozen=True)
@@ -236,8 +237,6 @@ def check_store(root: Path | str) -> CheckedStore:
     for backbone in [*manifest.backbones, *manifest.specialists]:
         adapter = load_lora_adapter(resolve(root, backbone.path), backbone.name, torch.float32)
         check_adapter_fits(adapter, shapes)
-    from guidance.value_head import load_value_head  # guidance depends on store, not back
-
     for spec in manifest.guidance.explicit:
         head_path = resolve(root, spec.head)
         head = load_value_head(head_path)

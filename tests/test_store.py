@@ -10,12 +10,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cli.main import main as mage
-from guidance.value_head import load_value_head
 from model_store.builder import random_value_head, write_manifest, write_value_head
 from model_store.errors import StoreError
 from model_store.loader import load_store
 from model_store.manifest import MANIFEST_NAME
 from model_store.validate import check_store
+from model_store.value_head import load_value_head
 
 
 def edit_manifest(root, change) -> None:

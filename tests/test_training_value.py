@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidance.value_head import load_value_head
 from model_store.adapters import load_lora_adapter
+from model_store.value_head import load_value_head
 from tests.common import write_tiny_base
 from training.sampling import SamplingSettings
 from training.value import ValueTrainConfig, train_value_model

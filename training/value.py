@@ -1,7 +1,7 @@
 """Explicit value model training (Sec. 3.4.1, Eq. 16).
 
 The value model is the base with a LoRA adapter plus a `tied` value head
-(guidance/value_head.py): V(x, y<t) = E (P h_t + p) + c, one value per vocabulary token, where
+(model_store/value_head.py): V(x, y<t) = E (P h_t + p) + c, one value per vocabulary token, where
 h_t is the final (normed) hidden state at the last position of (x, y<t) and E the base's output
 embedding. It regresses the final reward of responses sampled from the base policy:
 
@@ -34,7 +34,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from guidance.value_head import ValueHead, load_value_head, save_value_head
+from model_store.value_head import ValueHead, load_value_head, save_value_head
 from training.common import (
     TrainingError,
     finite_or_none,
@@ -116,7 +116,7 @@ class ValueTrainResult:
 
 
 class TiedHeadModule(torch.nn.Module):
-    """Trainable form of the `tied` head: V = E (P h + p) + c (guidance/value_head.py)."""
+    """Trainable form of the `tied` head: V = E (P h + p) + c (model_store/value_head.py)."""
 
     def __init__(self, hidden: int, vocab: int, std: float, seed: int) -> None:
         super().__init__()
