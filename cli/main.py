@@ -20,6 +20,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from model_store.validate import check_store
     from server.app import create_app
+    from server.http_protocol import uvicorn_config
 
     overrides = {
         k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None
@@ -40,9 +41,7 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"mage serve: bad store: {exc}", file=sys.stderr)
         return 2
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
-    )
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
     return 0
 
 

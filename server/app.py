@@ -32,7 +32,7 @@ from server.errors import (
     first_param,
 )
 from server.metrics import Metrics
-from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware
+from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware
 from server.openapi import api_responses, customise_openapi
 from server.relay import Gateway, ServingState, package_version
 from server.schemas import ApiError, request_body_type
@@ -211,9 +211,14 @@ def open_paths(settings: ServerSettings) -> frozenset[str]:
 
 
 def _middleware(settings: ServerSettings, metrics: Metrics) -> list[Middleware]:
-    """Outermost first: CORS (so preflights and error answers carry its headers), then
-    API keys (so nobody without one makes the server read a body), then the body limit."""
-    stack = []
+    """Outermost first: the header limit, CORS (so preflights and error answers carry its
+    headers), then API keys (so nobody without one makes the server read a body), then the
+    body limit."""
+    stack = [
+        Middleware(
+            HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, on_reject=metrics.rejected
+        )
+    ]
     if settings.cors_origins:
         stack.append(
             Middleware(

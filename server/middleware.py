@@ -61,6 +61,31 @@ class ApiKeyMiddleware:
         await response(scope, receive, send)
 
 
+class HeaderLimitMiddleware:
+    """Refuse a request whose request line and headers are over `max_bytes` with 400.
+
+    The HTTP parser limits only headers that arrive in pieces (what it must buffer); a
+    block that arrives whole is parsed whatever its size, so the limit is checked here too.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Reject) -> None:
+        self.app, self.max_bytes, self.on_reject = app, max_bytes, on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            line = len(scope["method"]) + len(scope.get("raw_path") or b"") + 12
+            size = line + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > self.max_bytes:
+                self.on_reject("validation")
+                message = f"request line and headers are larger than {self.max_bytes} bytes"
+                response = error_response(
+                    400, message, "bad_request", {"Connection": "close"}, path=scope["path"]
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over `max_bytes` with 413, then hand the app the body read."""
 

@@ -60,6 +60,12 @@ class ServerSettings(BaseSettings):
     """Largest request body in bytes; a larger one gets 413 before it is read."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     """Deadline of each request, from arrival; past it generation stops with an error."""
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    """A connection whose request line and headers are not all in this long after it opened
+    (or after its previous answer) gets 408 and is closed: slow-header clients (slowloris)
+    cannot hold connections open."""
+    max_header_bytes: int = Field(default=16384, ge=1024)
+    """Largest request line plus headers in bytes; a larger one gets 400."""
     merge_cache_mb: float = Field(default=256.0, ge=0)
     """Byte budget of the per-preference merge cache."""
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

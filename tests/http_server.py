@@ -11,6 +11,7 @@ import httpx
 import uvicorn
 
 from server.app import create_app
+from server.http_protocol import uvicorn_config
 from server.settings import ServerSettings
 
 
@@ -34,7 +35,8 @@ def serving(loaded=None, wait_ready: bool = True, **settings):
     port = free_port()
     config = ServerSettings(port=port, **settings)
     app = create_app(config, store=loaded)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    config = config.model_copy(update={"host": "127.0.0.1", "log_level": "warning"})
+    server = uvicorn.Server(uvicorn_config(app, config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
