@@ -104,3 +104,12 @@ def test_no_stale_or_outside_words_in_the_repository():
             line = text.count("\n", 0, match.start()) + 1
             found.append(f"{path.relative_to(ROOT)}:{line}: {match.group(0)!r}")
     assert not found, "\n".join(found)
+
+
+def test_the_settings_table_lists_every_setting():
+    from server.settings import ServerSettings
+
+    text = (ROOT / "docs" / "settings-and-metrics.md").read_text(encoding="utf-8")
+    first_cells = re.findall(r"^\| (`--[^|]+)\|", text, re.M)
+    flags = {flag for cell in first_cells for flag in re.findall(r"`(--[a-z-]+)`", cell)}
+    assert flags == {"--" + name.replace("_", "-") for name in ServerSettings.model_fields}
