@@ -34,7 +34,7 @@ from server.openapi import api_responses
 from server.relay import Gateway, Submitted, error_status
 from server.schemas import SEED_LIMIT, TEMPERATURE_MIN, ApiError
 from server.tgi import STREAM_HEADERS, EventStreamResponse
-from server.translate import Options, Prompt, header_steering, merged_steering
+from server.translate import Options, Prompt, header_steering, merged_steering, sampling_of
 
 log = logging.getLogger("mage.server")
 MAX_TOKENS_NAMES = ("`max_new_tokens`", "`max_tokens`")
@@ -46,14 +46,11 @@ def read_options(body: Any, headers: Any, chat: bool, store: LoadedStore) -> Opt
     greedy = body.temperature is not None and body.temperature < TEMPERATURE_MIN
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+    filters = ("temperature", "top_k", "top_p", "typical_p")
     return Options(
         steering=merged_steering(body, header_steering(headers, store)),
+        sampling=sampling_of(body, **dict.fromkeys(filters if greedy else ())),
         max_new_tokens=max_tokens,
-        temperature=None if greedy else body.temperature,
-        top_k=None if greedy else body.top_k,
-        top_p=None if greedy else body.top_p,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
         stop=stop,
         top_n=_top_n(body, chat),
     )

@@ -20,14 +20,11 @@ from server.schemas import (
     CHARS_PER_TOKEN_BOUND,
     TEMPERATURE_MAX,
     OnlyOne,
-    RepetitionPenalty,
-    Seed,
+    SamplingOptions,
     Steering,
     StopText,
     Text,
-    TopK,
     TopN,
-    TopP,
     ZeroPenalty,
     bounded_int,
 )
@@ -86,7 +83,10 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
         """Accepted empty or null only (no tools)."""
 
-    class Common(Steering):
+    class Common(Steering, SamplingOptions):
+        """top_k, typical_p and repetition_penalty are extras (as vLLM takes them); `seed`
+        is choice 0's, choice i samples with seed + i."""
+
         model_config = _STRICT
         model: Annotated[str, Field(max_length=NAME_MAX)] | None = None
         """Any name: the server serves one model, its store (GET /v1/models)."""
@@ -97,12 +97,6 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         ) = None
         """Sampling temperature; below 0.01 (0 included) greedy; omitted: the store's
         default (greedy, the paper's choice)."""
-        top_p: TopP | None = None
-        """Nucleus filter; turns sampling on."""
-        top_k: TopK | None = None
-        """Top-k filter (vLLM's extra); turns sampling on."""
-        seed: Seed | None = None
-        """Seed of choice 0; choice i samples with seed + i."""
         stop: StopText | Stops | None = None
         """Stop sequences; left out of the returned text, as OpenAI does."""
         n: bounded_int(ge=1, le=N_MAX) | None = None
@@ -111,8 +105,6 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         """Stream `data: {chunk}` events, ending with `data: [DONE]`."""
         stream_options: StreamOptions | None = None
         """Streaming options."""
-        repetition_penalty: RepetitionPenalty | None = None
-        """Penalise tokens already in the prompt or output (1: none; vLLM's and TGI's extra)."""
         presence_penalty: ZeroPenalty | None = None
         """Accepted at 0 only."""
         frequency_penalty: ZeroPenalty | None = None

@@ -168,6 +168,32 @@ class Steering(BaseModel):
     Eq. 13)."""
 
 
+class SamplingOptions(BaseModel):
+    """The sampling fields every route takes, declared once: TGI's `parameters` and the
+    OpenAI bodies inherit them (the OpenAI bodies re-type `temperature` only, since OpenAI
+    allows 0 for greedy), and server.translate.Options carries them to the engine's
+    SamplingParams. None: not given (the store's defaults, greedy)."""
+
+    model_config = _STRICT
+    temperature: Temperature | None = None
+    """Sampling temperature; turns sampling on."""
+    top_k: TopK | None = None
+    """Keep the k most likely tokens when sampling; turns sampling on."""
+    top_p: TopP | None = None
+    """Nucleus filter: keep the most likely tokens holding this much probability; turns
+    sampling on."""
+    typical_p: TypicalP | None = None
+    """Typical decoding mass (transformers' TypicalLogitsWarper); turns sampling on."""
+    repetition_penalty: RepetitionPenalty | None = None
+    """Penalise tokens already in the prompt or output (1: none), after guidance."""
+    seed: Seed | None = None
+    """Seed of the request's sampler, for reproducible sampling."""
+
+
+SAMPLING_FIELDS = tuple(SamplingOptions.model_fields)
+"""Names of the shared sampling fields."""
+
+
 class GenerateResponse(BaseModel):
     """What /generate answers (the last stream event carries the same two fields)."""
 
@@ -202,24 +228,12 @@ def request_body_type(settings: ServerSettings) -> Any:
         content: Annotated[Text, Field(max_length=max_chars)]
         """What they say."""
 
-    class Parameters(Steering):
+    class Parameters(Steering, SamplingOptions):
         model_config = _STRICT
         max_new_tokens: bounded_int(ge=1, le=settings.max_new_tokens) | None = None
         """Tokens to generate at most (also bounded by the model's context)."""
         do_sample: bool = False
         """Sample instead of greedy; implied by temperature, top_k, top_p or typical_p."""
-        temperature: Temperature | None = None
-        """Sampling temperature."""
-        top_k: TopK | None = None
-        """Keep the k most likely tokens when sampling."""
-        top_p: TopP | None = None
-        """Nucleus filter: keep the most likely tokens holding this much probability."""
-        typical_p: TypicalP | None = None
-        """Typical decoding mass (transformers' TypicalLogitsWarper) when sampling."""
-        repetition_penalty: RepetitionPenalty | None = None
-        """Penalise tokens already in the prompt or output (1: none), after guidance."""
-        seed: Seed | None = None
-        """Seed of the request's sampler, for reproducible sampling."""
         stop: list[StopText] = Field(default_factory=list, max_length=settings.max_stop_sequences)
         """Stop sequences: the output ends after the first one appears."""
         details: bool = True

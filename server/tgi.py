@@ -24,7 +24,14 @@ from server.errors import clean_message, dumps, error_response, finite_json
 from server.openapi import api_responses
 from server.relay import Gateway, Submitted, error_status
 from server.schemas import GenerateResponse
-from server.translate import Options, Prompt, header_steering, merged_steering, parse_steering
+from server.translate import (
+    Options,
+    Prompt,
+    header_steering,
+    merged_steering,
+    parse_steering,
+    sampling_of,
+)
 
 log = logging.getLogger("mage.server")
 TOKEN_FIELDS = ("id", "text", "logprob", "special")
@@ -48,14 +55,9 @@ def read_body(body: Any, headers: Mapping[str, str], store: LoadedStore) -> tupl
     )
     options = Options(
         steering=merged_steering(p, adapter, header_steering(headers, store)),
+        sampling=sampling_of(p),
         max_new_tokens=p.max_new_tokens,
         do_sample=p.do_sample,
-        temperature=p.temperature,
-        top_k=p.top_k,
-        top_p=p.top_p,
-        typical_p=p.typical_p,
-        repetition_penalty=p.repetition_penalty,
-        seed=p.seed,
         stop=tuple(p.stop),
         top_n=p.top_n_tokens or 0,
         prompt_logprobs=p.decoder_input_details,

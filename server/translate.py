@@ -20,7 +20,13 @@ from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
 from server.errors import describe_validation, quote
-from server.schemas import CHARS_PER_TOKEN_BOUND, ApiError, Steering
+from server.schemas import (
+    CHARS_PER_TOKEN_BOUND,
+    SAMPLING_FIELDS,
+    ApiError,
+    SamplingOptions,
+    Steering,
+)
 from server.settings import ServerSettings
 
 STEERING_KEYS = ("mode", "gamma", "merge_method")
@@ -44,22 +50,12 @@ class Options:
 
     steering: Steering = field(default_factory=Steering)
     """Preference, guidance and merge method as the body gave them (None: not given)."""
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    """The shared sampling fields as the body gave them (server.schemas: declared once)."""
     max_new_tokens: int | None = None
     """Omitted: the store's default, within the server's limit."""
     do_sample: bool = False
     """Sample; implied by temperature, top_k, top_p or typical_p."""
-    temperature: float | None = None
-    """Sampling temperature."""
-    top_k: int | None = None
-    """Top-k filter."""
-    top_p: float | None = None
-    """Nucleus filter."""
-    typical_p: float | None = None
-    """Typical decoding mass."""
-    repetition_penalty: float | None = None
-    """Repetition penalty; None is 1 (none)."""
-    seed: int | None = None
-    """Sampler seed."""
     stop: tuple[str, ...] = ()
     """Stop sequences."""
     top_n: int = 0
@@ -68,6 +64,13 @@ class Options:
     """Report the prompt tokens' log-probabilities."""
     truncate: int | None = None
     """Keep only the last `truncate` prompt tokens."""
+
+
+def sampling_of(body: Any, **changes: Any) -> SamplingOptions:
+    """The shared sampling fields of a schema-valid body (TGI parameters or an OpenAI body),
+    with `changes` applied (OpenAI's greedy temperature)."""
+    given = {name: getattr(body, name) for name in SAMPLING_FIELDS} | changes
+    return SamplingOptions.model_construct(**given)  # already validated by the body's schema
 
 
 def available_modes(store: LoadedStore) -> list[str]:
@@ -293,16 +296,17 @@ def _preference(
 
 
 def _sampling(o: Options, defaults: Any) -> SamplingParams:
+    given = o.sampling
     extras = {
-        "repetition_penalty": o.repetition_penalty or 1.0,
-        "typical_p": o.typical_p,
+        "repetition_penalty": given.repetition_penalty or 1.0,
+        "typical_p": given.typical_p,
         "top_n": o.top_n,
-        "seed": o.seed,
+        "seed": given.seed,
     }
-    filters = (o.temperature, o.top_k, o.top_p, o.typical_p)
+    filters = (given.temperature, given.top_k, given.top_p, given.typical_p)
     sample = o.do_sample or any(v is not None for v in filters)
     if not sample and defaults.temperature:
         return SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, **extras)
     if not sample:
         return SamplingParams(**{**extras, "typical_p": None})
-    return SamplingParams(o.temperature or 1.0, o.top_k, o.top_p, **extras)
+    return SamplingParams(given.temperature or 1.0, given.top_k, given.top_p, **extras)
