@@ -32,7 +32,7 @@ from server.openai_schemas import (
 )
 from server.openapi import api_responses
 from server.relay import Gateway, Submitted, error_status
-from server.schemas import SEED_LIMIT, TEMPERATURE_MIN, ApiError
+from server.schemas import SAMPLING_FILTERS, SEED_LIMIT, TEMPERATURE_MIN, ApiError
 from server.tgi import STREAM_HEADERS, EventStreamResponse
 from server.translate import Options, Prompt, header_steering, merged_steering, sampling_of
 
@@ -46,10 +46,9 @@ def read_options(body: Any, headers: Any, chat: bool, store: LoadedStore) -> Opt
     greedy = body.temperature is not None and body.temperature < TEMPERATURE_MIN
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
-    filters = ("temperature", "top_k", "top_p", "typical_p")
     return Options(
         steering=merged_steering(body, header_steering(headers, store)),
-        sampling=sampling_of(body, **dict.fromkeys(filters if greedy else ())),
+        sampling=sampling_of(body, **dict.fromkeys(SAMPLING_FILTERS if greedy else ())),
         max_new_tokens=max_tokens,
         stop=stop,
         top_n=_top_n(body, chat),

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.schemas import (
     _STRICT,
-    CHARS_PER_TOKEN_BOUND,
     TEMPERATURE_MAX,
     OnlyOne,
     SamplingOptions,
@@ -27,6 +26,7 @@ from server.schemas import (
     TopN,
     ZeroPenalty,
     bounded_int,
+    limits,
 )
 from server.settings import ServerSettings
 
@@ -64,19 +64,14 @@ class ResponseFormat(BaseModel):
 
 def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
     """(chat body, completion body) with this server's limits."""
-    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
-    MaxTokens = bounded_int(ge=1, le=settings.max_new_tokens)  # noqa: N806 (a type)
-    Stops = Annotated[list[StopText], Field(max_length=settings.max_stop_sequences)]  # noqa: N806
-    Prompt = Annotated[Text, Field(min_length=1, max_length=max_chars)]  # noqa: N806
+    bounded = limits(settings)  # the same types as the TGI body's
+    MaxTokens, Prompt = bounded.max_new_tokens, bounded.prompt  # noqa: N806 (types)
 
     class ChatMessage(BaseModel):
         model_config = _STRICT
         role: Literal[CHAT_ROLES]  # type: ignore[valid-type]
         """system, user, assistant, or developer (read as system)."""
-        content: (
-            Annotated[Text, Field(max_length=max_chars)]
-            | Annotated[list[TextPart], Field(min_length=1)]
-        )
+        content: bounded.content | Annotated[list[TextPart], Field(min_length=1)]
         """Text, or one or more text parts (joined)."""
         name: Annotated[str, Field(max_length=NAME_MAX)] | None = None
         """Accepted and ignored (the chat template has no names)."""
@@ -97,7 +92,7 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         ) = None
         """Sampling temperature; below 0.01 (0 included) greedy; omitted: the store's
         default (greedy, the paper's choice)."""
-        stop: StopText | Stops | None = None
+        stop: StopText | bounded.stops | None = None
         """Stop sequences; left out of the returned text, as OpenAI does."""
         n: bounded_int(ge=1, le=N_MAX) | None = None
         """Choices to generate (each with its own seed when sampling)."""
@@ -140,7 +135,7 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         """Accepted empty or null only (no tool calling)."""
         tool_choice: Literal["none", "auto"] | None = None
         """Accepted as none or auto (there are no tools to call)."""
-        tool_prompt: Annotated[str, Field(max_length=max_chars)] | None = None
+        tool_prompt: Annotated[str, Field(max_length=bounded.max_chars)] | None = None
         """TGI's extra, sent by InferenceClient; ignored (no tools)."""
         parallel_tool_calls: bool | None = None
         """Accepted and ignored (no tools)."""

@@ -17,6 +17,7 @@ the field as unsupported when another value comes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -192,6 +193,43 @@ class SamplingOptions(BaseModel):
 
 SAMPLING_FIELDS = tuple(SamplingOptions.model_fields)
 """Names of the shared sampling fields."""
+SAMPLING_FILTERS = ("temperature", "top_k", "top_p", "typical_p")
+"""The sampling fields whose presence turns sampling on (the rest apply greedy too)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The field types whose bounds come from server settings, built once per app and used
+    by the TGI and the OpenAI bodies alike: `max_new_tokens` and `max_tokens`, the two
+    `stop` lists and the two prompt texts cannot drift apart."""
+
+    max_chars: int
+    """Most characters in a prompt or message (max_input_tokens * CHARS_PER_TOKEN_BOUND)."""
+    max_new_tokens: Any
+    """Tokens to generate: 1 to the server's max_new_tokens."""
+    stops: Any
+    """A list of stop sequences, at most the server's max_stop_sequences."""
+    prompt: Any
+    """Raw prompt text: non-empty, at most max_chars."""
+    content: Any
+    """A chat message's text: at most max_chars."""
+
+
+def max_prompt_chars(settings: ServerSettings) -> int:
+    """Most characters in a prompt, or in a chat's messages together."""
+    return settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+
+
+def limits(settings: ServerSettings) -> Limits:
+    """The settings-bounded field types of `settings`."""
+    max_chars = max_prompt_chars(settings)
+    return Limits(
+        max_chars=max_chars,
+        max_new_tokens=bounded_int(ge=1, le=settings.max_new_tokens),
+        stops=Annotated[list[StopText], Field(max_length=settings.max_stop_sequences)],
+        prompt=Annotated[Text, Field(min_length=1, max_length=max_chars)],
+        content=Annotated[Text, Field(max_length=max_chars)],
+    )
 
 
 class GenerateResponse(BaseModel):
@@ -219,22 +257,22 @@ class ErrorBody(BaseModel):
 
 def request_body_type(settings: ServerSettings) -> Any:
     """The /generate body: text (`inputs`) xor chat (`messages`), with these limits."""
-    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    bounded = limits(settings)
 
     class Message(BaseModel):
         model_config = _STRICT
         role: Literal[ROLES]  # type: ignore[valid-type]
         """Who speaks: system, user or assistant."""
-        content: Annotated[Text, Field(max_length=max_chars)]
+        content: bounded.content
         """What they say."""
 
     class Parameters(Steering, SamplingOptions):
         model_config = _STRICT
-        max_new_tokens: bounded_int(ge=1, le=settings.max_new_tokens) | None = None
+        max_new_tokens: bounded.max_new_tokens | None = None
         """Tokens to generate at most (also bounded by the model's context)."""
         do_sample: bool = False
         """Sample instead of greedy; implied by temperature, top_k, top_p or typical_p."""
-        stop: list[StopText] = Field(default_factory=list, max_length=settings.max_stop_sequences)
+        stop: bounded.stops = Field(default_factory=list)
         """Stop sequences: the output ends after the first one appears."""
         details: bool = True
         """Return `details` (TGI's fields and this server's preference, lambda, ...)."""
@@ -272,7 +310,7 @@ def request_body_type(settings: ServerSettings) -> Any:
                 ]
             },
         )
-        inputs: Annotated[Text, Field(min_length=1, max_length=max_chars)]
+        inputs: bounded.prompt
         """Raw prompt text (no chat template applied)."""
         parameters: Parameters = Field(default_factory=Parameters)
         """Generation parameters; omitted ones take the store's defaults."""

@@ -21,11 +21,12 @@ from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
 from server.errors import describe_validation, quote
 from server.schemas import (
-    CHARS_PER_TOKEN_BOUND,
     SAMPLING_FIELDS,
+    SAMPLING_FILTERS,
     ApiError,
     SamplingOptions,
     Steering,
+    max_prompt_chars,
 )
 from server.settings import ServerSettings
 
@@ -187,7 +188,7 @@ def _chat_ids(
 ) -> list[int]:
     # The schema bounds each message; their sum is bounded here, before the template and the
     # tokenizer see megabytes.
-    max_chars = settings.max_input_tokens * CHARS_PER_TOKEN_BOUND
+    max_chars = max_prompt_chars(settings)
     total = sum(len(m["content"]) for m in messages)
     if total > max_chars:
         raise ApiError(
@@ -296,17 +297,12 @@ def _preference(
 
 
 def _sampling(o: Options, defaults: Any) -> SamplingParams:
-    given = o.sampling
-    extras = {
-        "repetition_penalty": given.repetition_penalty or 1.0,
-        "typical_p": given.typical_p,
-        "top_n": o.top_n,
-        "seed": given.seed,
-    }
-    filters = (given.temperature, given.top_k, given.top_p, given.typical_p)
-    sample = o.do_sample or any(v is not None for v in filters)
-    if not sample and defaults.temperature:
-        return SamplingParams(defaults.temperature, defaults.top_k, defaults.top_p, **extras)
-    if not sample:
-        return SamplingParams(**{**extras, "typical_p": None})
-    return SamplingParams(given.temperature or 1.0, given.top_k, given.top_p, **extras)
+    # The shared fields go to the engine by name: one added to SamplingOptions reaches
+    # SamplingParams, or fails here at once if the engine has no such setting.
+    given = o.sampling.model_dump(exclude_none=True)  # None: the engine's default
+    if o.do_sample or any(name in given for name in SAMPLING_FILTERS):
+        given.setdefault("temperature", 1.0)
+    elif defaults.temperature:  # greedy unless the store samples by default
+        given |= {"temperature": defaults.temperature, "top_k": defaults.top_k}
+        given |= {"top_p": defaults.top_p}
+    return SamplingParams(**given, top_n=o.top_n)
