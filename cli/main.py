@@ -54,7 +54,7 @@ def _eval(args: argparse.Namespace) -> int:
     from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
     from guidance.search import BeamSettings
     from model_store.validate import check_store
-    from training.rewards import RewardError
+    from objectives.rewards import RewardError
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     unknown = sorted(set(methods) - set(METHODS))
@@ -143,8 +143,8 @@ def _tune(args: argparse.Namespace) -> int:
     from evaluation.run import EvalConfig
     from evaluation.tune import tune_alpha, tune_beta, tune_gamma
     from model_store.architectures import resolve_lora_targets
+    from objectives.rewards import RewardError
     from training.common import TrainingError
-    from training.rewards import RewardError
 
     grid = [float(v) for v in args.grid.split(",")]
     rewards = tuple(args.rewards.split(",")) if args.rewards else None

@@ -116,6 +116,7 @@ def _build_random(args: argparse.Namespace) -> int:
 def _build_demo(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from evaluation.alone import validation_means
     from training.common import TrainingError
     from training.demo import DEMO3, DemoSettings, build_demo, quick
 
@@ -129,7 +130,7 @@ def _build_demo(args: argparse.Namespace) -> int:
     settings = quick(settings) if args.quick else settings
     work = args.work or args.out.with_name(args.out.name + "-work")
     try:
-        root = build_demo(args.out.resolve(), work.resolve(), settings)
+        root = build_demo(args.out.resolve(), work.resolve(), settings, alone=validation_means)
     except (StoreError, TrainingError, ValueError) as exc:
         print(f"mage store build-demo: {exc}", file=sys.stderr)
         return 2

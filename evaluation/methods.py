@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -138,3 +139,23 @@ def generate_batch(
 def decode(store: LoadedStore, ids: list[int]) -> str:
     """Response text as the server's generated_text (special tokens such as EOS dropped)."""
     return store.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def generate_responses(
+    store: LoadedStore,
+    method: str,
+    mu: tuple[float, ...],
+    prompts: list[list[int]],
+    batch_size: int,
+    **decoding: Any,
+) -> list[tuple[str, int]]:
+    """(response, generated tokens) per prompt under `method`, `batch_size` prompts per
+    forward, on the store as the method decodes it (its own alpha where it fixes one);
+    `decoding` is generate_batch's max_new_tokens, gamma, eos_ids and beam."""
+    decoding_store = method_store(store, method)
+    out: list[tuple[str, int]] = []
+    for first in range(0, len(prompts), batch_size):
+        chunk = prompts[first : first + batch_size]
+        for tokens in generate_batch(decoding_store, method, tuple(mu), chunk, **decoding):
+            out.append((decode(store, tokens), len(tokens)))
+    return out

@@ -7,7 +7,7 @@ count, so the runtime per generated token of each method (Figure 11) survives re
 
 Each guided method runs at its store's tuned gamma (`defaults.gamma_by_mode`, written by
 `mage tune gamma`) and, for reference, at gamma = 1 (label `<method>@g1`). Rewards are
-reported on the store's fixed scale r~ (training/scale.py) with raw means beside them; every
+reported on the store's fixed scale r~ (objectives/scale.py) with raw means beside them; every
 per-prompt reward is kept in results.json, and HV and controllability carry paired bootstrap
 intervals over prompts (evaluation/stats.py) against a fixed reference point.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.methods import METHODS, decode, generate_batch, method_store
+from evaluation.methods import METHODS, generate_responses
 from evaluation.metrics import chord_gaps, summarise_front
 from evaluation.plot import plot_fronts
 from evaluation.report import markdown_table
@@ -36,10 +36,10 @@ from evaluation.stats import (
 )
 from guidance.search import BeamSettings
 from model_store.loader import LoadedStore, load_store
+from objectives.prompts import load_prompts
+from objectives.rewards import get_reward
+from objectives.scale import RewardScale
 from training.common import encode_prompt
-from training.prompts import load_prompts
-from training.rewards import get_reward
-from training.scale import RewardScale
 
 __all__ = ["METHODS", "EvalConfig", "preference_sweep", "run_eval"]
 
@@ -65,7 +65,7 @@ class EvalConfig:
     max_new_tokens: int = 48
     """Tokens per response (greedy)."""
     rewards: tuple[str, ...] | None = None
-    """Reward spec per objective (training.rewards); default: the objective names."""
+    """Reward spec per objective (objectives.rewards); default: the objective names."""
     batch_size: int = 16
     """Prompts per forward pass."""
     beam: BeamSettings = field(default_factory=BeamSettings)
@@ -131,15 +131,17 @@ def generate_texts(
     """(response, generated tokens) per prompt, in batches of cfg.batch_size; `gamma`
     defaults to the method's gamma under cfg."""
     gamma = method_gamma(store, method, cfg.gamma) if gamma is None else gamma
-    decoding = method_store(store, method)
-    out: list[tuple[str, int]] = []
-    for first in range(0, len(ids), cfg.batch_size):
-        chunk = ids[first : first + cfg.batch_size]
-        for tokens in generate_batch(
-            decoding, method, tuple(mu), chunk, cfg.max_new_tokens, gamma, eos, cfg.beam
-        ):
-            out.append((decode(store, tokens), len(tokens)))
-    return out
+    return generate_responses(
+        store,
+        method,
+        tuple(mu),
+        ids,
+        cfg.batch_size,
+        max_new_tokens=cfg.max_new_tokens,
+        gamma=gamma,
+        eos_ids=eos,
+        beam=cfg.beam,
+    )
 
 
 def _key(method: str, gamma: float, mu, prompt_id: str) -> tuple:

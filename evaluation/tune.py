@@ -22,10 +22,10 @@ from evaluation.stats import bootstrap, method_intervals
 from model_store.builder import write_manifest
 from model_store.loader import LoadedStore, load_store
 from model_store.manifest import MANIFEST_NAME
+from objectives.prompts import load_prompts
+from objectives.rewards import get_reward
+from objectives.scale import RewardScale
 from training.common import encode_prompt
-from training.prompts import load_prompts
-from training.rewards import get_reward
-from training.scale import RewardScale
 
 GAMMA_GRID = (0.1, 0.2, 1.0, 3.0, 5.0)
 """The paper's candidate gammas (Sec. 5.2.2)."""

@@ -85,8 +85,8 @@ def test_batched_eval_matches_the_server_engine(tiny_store, tmp_path):
     from guidance.engine import Engine
     from guidance.requests import GenerationRequest, SamplingParams
     from model_store.loader import load_store
+    from objectives.prompts import load_prompts
     from training.common import encode_prompt
-    from training.prompts import load_prompts
 
     store = load_store(tiny_store, "cpu", "float32")
     engine = Engine(store)

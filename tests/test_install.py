@@ -23,7 +23,16 @@ from cli.main import main as mage
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CODE_PACKAGES = ("cli", "evaluation", "guidance", "merging", "model_store", "server", "training")
+CODE_PACKAGES = (
+    "cli",
+    "evaluation",
+    "guidance",
+    "merging",
+    "model_store",
+    "objectives",
+    "server",
+    "training",
+)
 
 # Which installs each module must work under (longest prefix wins). The server packages and the
 # helpers evaluation shares with training work everywhere; the rewards score in both training
@@ -36,14 +45,18 @@ INSTALLS = {
     "merging": ALL,
     "model_store": ALL,
     "cli": ALL,
-    "training": ALL,  # the package, its cli (handlers import lazily), common and prompts
+    "objectives": ALL,  # prompts and the reward scale: evaluation and training share them
+    "training": ALL,  # the package, its cli (handlers import lazily) and common
     "training.backbone": ("train", "dev"),
     "training.sampling": ("train", "dev"),
     "training.value": ("train", "dev"),
     "training.value_curve": ("train", "dev"),
     "training.demo": ("train", "dev"),
-    "training.rewards": ("train", "eval", "dev"),
+    "objectives.rewards": ("train", "eval", "dev"),
     "evaluation": ("eval", "dev"),
+    # `mage store build-demo` (the train extra) scores each adapter alone: decoding only.
+    "evaluation.alone": ("train", "eval", "dev"),
+    "evaluation.methods": ("train", "eval", "dev"),
     "tests": ("dev",),
     "benchmarks": ("dev",),
 }
@@ -192,7 +205,8 @@ def test_server_import_closure_has_no_training_or_evaluation_packages():
     assert "server.app" in loaded and "guidance.engine" in loaded  # the closure ran
     leaked = {m for m in loaded if m.split(".")[0] in EXTRA_ONLY}
     leaked |= {m for m in loaded if m.startswith("evaluation")}
-    leaked |= {m for m in loaded if m.startswith("training") and installs_of(m) != ALL}
+    shared = {"training", "objectives"}  # packages the server may use only in part
+    leaked |= {m for m in loaded if m.split(".")[0] in shared and installs_of(m) != ALL}
     assert not leaked, sorted(leaked)
 
 
@@ -345,7 +359,7 @@ def test_installed_package_finds_its_data_outside_a_checkout(wheel, tmp_path):
     code = (
         "from model_store.resources import demo_store_path, prompts_dir\n"
         "from model_store.validate import read_manifest, verify_checksums\n"
-        "from training.prompts import load_prompts\n"
+        "from objectives.prompts import load_prompts\n"
         "import model_store.resources as r\n"
         "store = demo_store_path()\n"
         "verify_checksums(store, read_manifest(store))\n"

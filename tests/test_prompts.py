@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from training.prompts import SPLITS, load_prompts
+from objectives.prompts import SPLITS, load_prompts
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from model_store.manifest import StoreManifest
+from objectives.scale import RewardScale, ScaleError, fit_reward_scale
 from tests.common import write_tiny_base
 from training.common import TrainingError
-from training.scale import RewardScale, fit_reward_scale
 
 LENGTH = "tests.test_reward_scale:length_reward"
 VOWELS = "tests.test_reward_scale:vowel_reward"
@@ -69,7 +69,7 @@ def test_fit_is_mean_and_population_std_with_a_fixed_reference():
         rescaled
     ) == pytest.approx(1)
     assert scale.apply_rows([[0.5, 0.0]]).tolist() == [[0.0, 0.0]]
-    with pytest.raises(TrainingError, match="constant"):
+    with pytest.raises(ScaleError, match="constant"):
         fit_reward_scale({"a": [0.3, 0.3, 0.3]}, "test")
 
 
@@ -200,7 +200,7 @@ def test_value_model_regresses_rescaled_rewards(base, tmp_path):
 
 
 def test_concise_reward_pulls_against_length():
-    from training.rewards import get_reward
+    from objectives.rewards import get_reward
 
     concise = get_reward("concise")
     short, medium, long = concise(["q"] * 3, ["one two three", "w " * 16, "w " * 24])
@@ -253,12 +253,14 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
     validation means; a second call resumes without training again."""
     pytest.importorskip("trl")
 
+    from evaluation.alone import validation_means
     from model_store.validate import check_store
     from training.demo import build_demo
 
     settings = tiny_demo_settings(objectives)
     store, work = tmp_path / "store", tmp_path / "work"
-    build_demo(store, work, settings, log=lambda _: None, base=base, base_spec={"path": str(base)})
+    spec = {"path": str(base)}
+    build_demo(store, work, settings, lambda _: None, base, spec, alone=validation_means)
     manifest = check_store(store).manifest
     n = len(objectives)
     assert manifest.objectives == list(objectives) and len(manifest.backbones) == n

@@ -1,4 +1,4 @@
-"""Tests of training.rewards: built-ins, adapters, registry, batching and error reporting."""
+"""Tests of objectives.rewards: built-ins, adapters, registry, batching and error reporting."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from training.rewards import (
+from objectives.rewards import (
     FunctionReward,
     Reward,
     RewardError,
@@ -21,7 +21,7 @@ from training.rewards import (
     register_reward,
     unregister_reward,
 )
-from training.rewards.builtin import BrevityReward, brevity_score
+from objectives.rewards.builtin import BrevityReward, brevity_score
 
 POSITIVE = "What a wonderful day! I love this, it is great and makes me so happy."
 NEGATIVE = "This is terrible. I hate it, it is awful and makes me miserable and angry."
@@ -50,7 +50,7 @@ def test_builtins_are_registered_and_cheap_to_import():
     assert get_reward("brevity") is get_reward("brevity")  # one cached instance per spec
     # importing the package and looking a model-backed reward up imports no torch / model
     code = (
-        "import sys; from training.rewards import get_reward; r = get_reward('relevance'); "
+        "import sys; from objectives.rewards import get_reward; r = get_reward('relevance'); "
         "assert not r.loaded; assert 'torch' not in sys.modules, 'torch imported'; "
         "assert 'transformers' not in sys.modules, 'transformers imported'"
     )

@@ -5,7 +5,7 @@
 with h_i = sum_j w_ij r_j the backbone reward and w_i the i-th column of the circulant B of
 Eq. (12). It uses TRL's GRPOTrainer (the paper used PPO; GRPO needs no critic, which keeps CPU
 runs cheap) with a LoRA `peft_config`: one reward function per objective, each on the
-store's fixed scale r~_j = (r_j - c_j) / s_j (training/scale.py), `reward_weights = w_i` with
+store's fixed scale r~_j = (r_j - c_j) / s_j (objectives/scale.py), `reward_weights = w_i` with
 `multi_objective_aggregation="sum_then_normalize"`, so the scalar reward is exactly
 h_i = w_i^T r~ (Eq. 11), and `beta = eta > 0`, the KL penalty to the base (TRL disables the
 adapter to get pi_sft, so no second model is loaded). GRPO's advantage is h_i minus its group
@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from objectives.rewards import RewardError, get_reward
+from objectives.scale import RewardScale
 from training.common import (
     TrainingError,
     check_base,
@@ -39,8 +41,6 @@ from training.common import (
     seed_everything,
     strict_json,
 )
-from training.rewards import RewardError, get_reward
-from training.scale import RewardScale
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BackboneTrainConfig:
 
     base: Path
     rewards: list[str]
-    """Reward specs r_1..r_n (training.rewards.get_reward), in objective order."""
+    """Reward specs r_1..r_n (objectives.rewards.get_reward), in objective order."""
     weights: list[float]
     """w_i: combination weights of the rewards (Eq. 11), on the simplex."""
     out: Path
@@ -68,7 +68,7 @@ class BackboneTrainConfig:
     max_completion_length: int = 32
     temperature: float = 1.0
     reward_scale: RewardScale | None = None
-    """Fixed scale of each reward (training/scale.py, the manifest's `reward_scale`), so
+    """Fixed scale of each reward (objectives/scale.py, the manifest's `reward_scale`), so
     that w_ij weighs objectives, not their units (VADER spans [-1, 1], MiniLM cosines a
     narrow band). None trains on the raw rewards."""
     aggregation: str = "sum_then_normalize"
@@ -403,7 +403,7 @@ def train_backbone_store(
             keep = ("name", "alpha", "guidance", "defaults", "reward_scale")
             manifest.update({k: v for k, v in old.model_dump().items() if k in keep})
     if manifest.get("reward_scale") is None and scale_samples > 0:
-        from training.scale import fit_scale_on_base
+        from training.sampling import fit_scale_on_base
 
         scale_path = work / "reward_scale.json"
         if not scale_path.is_file():  # fitted once: a resumed build keeps its scale
@@ -419,7 +419,7 @@ def train_backbone_store(
             scale_path.parent.mkdir(parents=True, exist_ok=True)
             scale_path.write_text(json.dumps(fitted, indent=2) + "\n")
         manifest["reward_scale"] = json.loads(scale_path.read_text())
-    from training.scale import RewardScale
+    from objectives.scale import RewardScale
 
     spec = manifest.get("reward_scale")
     scale = None if spec is None else RewardScale(tuple(spec["center"]), tuple(spec["scale"]))

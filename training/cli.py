@@ -24,7 +24,7 @@ def _fail(command: str, exc: BaseException) -> int:
 
 def _run(command: str, func, args: argparse.Namespace) -> int:
     from model_store.errors import StoreError
-    from training.rewards import RewardError
+    from objectives.rewards import RewardError
 
     try:
         return func(args)
@@ -80,7 +80,7 @@ def _backbone(args: argparse.Namespace) -> int:
         raise TrainingError("--weights: give one weight per reward (w_i of Eq. 11)")
     scale = None
     if args.reward_scale:
-        from training.scale import scale_from_store
+        from objectives.scale import scale_from_store
 
         scale = scale_from_store(args.reward_scale, rewards)
     config = BackboneTrainConfig(
@@ -128,7 +128,7 @@ def _value_config(args: argparse.Namespace):
         raise TrainingError("--epochs, --batch-size and --samples-per-prompt must be >= 1")
     scale = None
     if args.reward_scale:
-        from training.scale import scale_from_store
+        from objectives.scale import scale_from_store
 
         scale = scale_from_store(args.reward_scale, [args.objective])
     config = ValueTrainConfig(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from training.prompts import load_prompts
+from objectives.prompts import load_prompts
 
 
 class TrainingError(Exception):

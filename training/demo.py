@@ -5,7 +5,7 @@ objectives (relevance vs positivity; `DEMO3`: relevance, positivity and concisen
 
 1. base samples on the training and validation prompts (1 greedy + the rest sampled), scored
    by every objective; the fixed reward scale r~ = (r - c) / s is fitted on the training ones
-   (training/scale.py) and written into the manifest;
+   (objectives/scale.py) and written into the manifest;
 2. explicit value models regressing r~ (Eq. 16);
 3. n backbones trained on h_i = w_i^T r~ with w_i the columns of the circulant B
    (Eq. 11-12), and the n Rewarded-Soup specialists on e_i^T r~;
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,11 +28,14 @@ import numpy as np
 
 from model_store.builder import circulant_backbone_weights, write_manifest
 from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE, packaged_base
+from objectives.rewards import get_reward
+from objectives.scale import RewardScale, fit_reward_scale
 from training.backbone import BackboneTrainConfig, train_backbone
-from training.rewards import get_reward
 from training.sampling import SamplingSettings, load_samples, save_samples, score_samples
-from training.scale import RewardScale, fit_reward_scale
 from training.value import ValueTrainConfig, train_value_model
+
+AloneCheck = Callable[[Path, list[str], int | None, int], dict]
+"""(store, adapter kinds, validation prompts, new tokens) -> mean reward of each adapter alone."""
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -41,7 +45,7 @@ class DemoSettings:
     """What the demo build trains, and how much (defaults: the two-objective demo store)."""
 
     objectives: tuple[str, ...] = ("relevance", "positivity")
-    """Reward specs, in objective order (training.rewards)."""
+    """Reward specs, in objective order (objectives.rewards)."""
     name: str = "mage-demo (SmolLM2-135M-Instruct; relevance vs positivity)"
     """Store name in the manifest."""
     beta: float = 0.7
@@ -317,36 +321,6 @@ def _keep_tuned(store: Path, manifest: dict) -> dict:
     return manifest
 
 
-def validation_means(store: Path, kinds: list[str], limit: int | None, tokens: int) -> dict:
-    """Each backbone and specialist alone, greedy on the validation prompts: mean r~ per
-    objective (does backbone i lean towards objective i?)."""
-    from evaluation.run import EvalConfig, generate_texts
-    from model_store.loader import load_store
-    from training.common import encode_prompt
-    from training.prompts import load_prompts
-
-    loaded = load_store(store)
-    scale = RewardScale.from_manifest(loaded.checked.manifest)
-    prompts = load_prompts("validation")[:limit]
-    ids = [encode_prompt(loaded.tokenizer, p["prompt"]) for p in prompts]
-    texts = [p["prompt"] for p in prompts]
-    n = loaded.n_objectives
-    out: dict = {}
-    for kind in kinds:  # "direct" at e_i is backbone i alone; "rewarded-soup" specialist i
-        method = "direct" if kind == "backbone" else "rewarded-soup"
-        cfg = EvalConfig(store, store, (method,), (), "validation", limit, 1.0, tokens)
-        for i, objective in enumerate(loaded.objectives):
-            mu = tuple(float(i == j) for j in range(n))
-            responses = [t for t, _ in generate_texts(loaded, method, mu, ids, cfg, loaded.eos_ids)]
-            raw = [get_reward(o)(texts, responses) for o in loaded.objectives]
-            means = {
-                o: round(float(np.mean(scale.apply(j, raw[j]) if scale else raw[j])), 4)
-                for j, o in enumerate(loaded.objectives)
-            }
-            out[f"{kind}-{objective}"] = means
-    return out
-
-
 def build_demo(
     store: Path,
     work: Path,
@@ -354,9 +328,12 @@ def build_demo(
     log=print,
     base: Path | None = None,
     base_spec: dict | None = None,
+    alone: AloneCheck | None = None,
 ) -> Path:
     """Build (or resume building) a demo store; writes store/build_report.json. `base` and
-    `base_spec` replace the packaged SmolLM2 (tests build on a tiny base)."""
+    `base_spec` replace the packaged SmolLM2 (tests build on a tiny base). `alone` scores
+    each adapter alone on validation (evaluation.alone.validation_means, passed in because
+    evaluation builds on training, not the reverse); None leaves that report entry null."""
     s = settings or DemoSettings()
     started = time.monotonic()
     if base is None:
@@ -375,8 +352,8 @@ def build_demo(
     manifest = _manifest(s, backbones, specialists, scale_block, base_spec)
     write_manifest(store, _keep_tuned(store, manifest))
     kinds = ["backbone"] + (["specialist"] if s.specialists else [])
-    alone = validation_means(store, kinds, s.value_val_prompts, s.max_new_tokens)
-    log(f"adapters alone on validation (mean r~): {json.dumps(alone)}")
+    means = None if alone is None else alone(store, kinds, s.value_val_prompts, s.max_new_tokens)
+    log(f"adapters alone on validation (mean r~): {json.dumps(means)}")
     report = {
         "settings": asdict(s),
         "reward_scale": scale_block,
@@ -384,7 +361,7 @@ def build_demo(
         "conflict": conflict,
         "backbones": backbones,
         "specialists": specialists,
-        "validation_means_alone": alone,
+        "validation_means_alone": means,
         "seconds_last_call": round(time.monotonic() - started),
     }
     (store / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -16,7 +16,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from training.common import TrainingError, encode_prompt
+from objectives.rewards import get_reward
+from objectives.scale import fit_reward_scale
+from training.common import TrainingError, encode_prompt, load_base, pick_device, prompt_texts
 
 
 @dataclass
@@ -147,3 +149,28 @@ def load_samples(path: Path) -> list[Sample]:
             except (json.JSONDecodeError, TypeError) as exc:
                 raise TrainingError(f"{path}:{lineno}: bad sample record ({exc})") from None
     return samples
+
+
+def fit_scale_on_base(
+    base: Path,
+    rewards: Sequence[str],
+    samples_per_prompt: int = 4,
+    max_prompts: int | None = None,
+    max_new_tokens: int = 32,
+    seed: int = 0,
+    split: str = "train",
+) -> dict:
+    """Sample the base on the training prompts `split` (a split name or a JSONL file; 1
+    greedy + the rest at temperature 1, top-p 0.9, top-k 50) and fit `reward_scale` on those
+    responses (objectives/scale.py: the fixed r~ that training and evaluation share)."""
+    model, tokenizer = load_base(base, pick_device())
+    prompts = prompt_texts(split, max_prompts)
+    settings = SamplingSettings(samples_per_prompt, max_new_tokens)
+    samples = generate_samples(model, tokenizer, prompts, settings, seed, progress=False)
+    texts, responses = [s.prompt for s in samples], [s.response for s in samples]
+    scores = {spec: get_reward(spec)(texts, responses) for spec in rewards}
+    source = (
+        f"{base.name}: {len(prompts)} {Path(split).name} prompts x {samples_per_prompt} responses "
+        f"(1 greedy, rest sampled), {max_new_tokens} new tokens, seed {seed}"
+    )
+    return fit_reward_scale(scores, source)

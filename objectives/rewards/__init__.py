@@ -1,6 +1,6 @@
 """Reward functions of (prompt, response) pairs, for training, evaluation and guidance.
 
-    >>> from training.rewards import get_reward
+    >>> from objectives.rewards import get_reward
     >>> get_reward("brevity")(["Hi?"], ["Hello there."])
     [1.0]
 
@@ -12,9 +12,9 @@ list[float]``. Look rewards up by spec with :func:`get_reward` (registered names
 """
 
 # ``builtin`` registers the built-in rewards; importing it is cheap (models load on first use).
-from training.rewards import builtin  # noqa: F401
-from training.rewards.base import FunctionReward, Reward, RewardError, RewardSpecError
-from training.rewards.registry import (
+from objectives.rewards import builtin  # noqa: F401
+from objectives.rewards.base import FunctionReward, Reward, RewardError, RewardSpecError
+from objectives.rewards.registry import (
     available_rewards,
     clear_reward_cache,
     get_reward,

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.rewards.base import Reward, RewardError, RewardSpecError
+from objectives.rewards.base import Reward, RewardError, RewardSpecError
 
 
 class HFClassifierReward(Reward):

@@ -10,7 +10,7 @@ A spec is one of:
   one float per pair (``function`` may be a dotted attribute path, e.g. ``mod:Class.method``).
 
 ``get_reward`` returns one cached instance per spec, so a heavy model is loaded once per process
-(on the first call, not at lookup). The built-ins are registered when ``training.rewards`` is
+(on the first call, not at lookup). The built-ins are registered when ``objectives.rewards`` is
 imported (cheaply: nothing heavy is imported until a reward is first called).
 """
 
@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from training.rewards.base import FunctionReward, Reward, RewardSpecError
+from objectives.rewards.base import FunctionReward, Reward, RewardSpecError
 
 HF_CLASSIFIER_PREFIX = "hf-classifier:"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -130,7 +130,7 @@ def _build(spec: str) -> Reward:
 
 
 def _build_hf_classifier(spec: str) -> Reward:
-    from training.rewards.adapters import HFClassifierReward
+    from objectives.rewards.adapters import HFClassifierReward
 
     rest = spec[len(HF_CLASSIFIER_PREFIX) :]
     label: int | None = None

@@ -20,11 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from training.common import TrainingError
-
 HV_REFERENCE_SD = 2.0
 """Default hypervolume reference: this many base standard deviations below the base mean in
 every objective (r~ = -2). Fixed with the store, before any method is evaluated."""
+
+
+class ScaleError(ValueError):
+    """A reward scale cannot be fitted or read; the message names the objective or file. A
+    ValueError, so every command that reports bad input reports this too."""
 
 
 @dataclass(frozen=True)
@@ -78,16 +81,16 @@ def fit_reward_scale(
     and the hypervolume reference r~ = -reference_sd in every objective."""
     names = list(rewards)
     if not names:
-        raise TrainingError("reward scale: no objectives")
+        raise ScaleError("reward scale: no objectives")
     counts = {len(v) for v in rewards.values()}
     if len(counts) != 1 or min(counts) < 2:
-        raise TrainingError(f"reward scale: need >= 2 rewards per objective, same count: {counts}")
+        raise ScaleError(f"reward scale: need >= 2 rewards per objective, same count: {counts}")
     centers, scales = [], []
     for name in names:
         values = [float(v) for v in rewards[name]]
         spread = statistics.pstdev(values)
         if not spread > 1e-9:
-            raise TrainingError(
+            raise ScaleError(
                 f"reward scale: {name!r} is constant on the base samples ({values[0]}): "
                 "it cannot be scaled, and cannot be trained on either"
             )
@@ -112,41 +115,12 @@ def scale_from_store(store: Path, objectives: Sequence[str]) -> RewardScale:
     try:
         manifest = StoreManifest.model_validate_json(path.read_text())
     except (OSError, ValueError) as exc:
-        raise TrainingError(f"{path}: cannot read a store manifest ({exc})") from None
+        raise ScaleError(f"{path}: cannot read a store manifest ({exc})") from None
     scale = RewardScale.from_manifest(manifest)
     if scale is None:
-        raise TrainingError(f"{path}: this store has no reward_scale")
+        raise ScaleError(f"{path}: this store has no reward_scale")
     missing = [o for o in objectives if o not in manifest.objectives]
     if missing:
-        raise TrainingError(f"{path}: reward_scale has no objective {missing}")
+        raise ScaleError(f"{path}: reward_scale has no objective {missing}")
     index = [manifest.objectives.index(o) for o in objectives]
     return RewardScale(tuple(scale.center[i] for i in index), tuple(scale.scale[i] for i in index))
-
-
-def fit_scale_on_base(
-    base: Path,
-    rewards: Sequence[str],
-    samples_per_prompt: int = 4,
-    max_prompts: int | None = None,
-    max_new_tokens: int = 32,
-    seed: int = 0,
-    split: str = "train",
-) -> dict:
-    """Sample the base on the training prompts `split` (a split name or a JSONL file; 1
-    greedy + the rest at temperature 1, top-p 0.9, top-k 50) and fit `reward_scale` on those
-    responses."""
-    from training.common import load_base, pick_device, prompt_texts
-    from training.rewards import get_reward
-    from training.sampling import SamplingSettings, generate_samples
-
-    model, tokenizer = load_base(base, pick_device())
-    prompts = prompt_texts(split, max_prompts)
-    settings = SamplingSettings(samples_per_prompt, max_new_tokens)
-    samples = generate_samples(model, tokenizer, prompts, settings, seed, progress=False)
-    texts, responses = [s.prompt for s in samples], [s.response for s in samples]
-    scores = {spec: get_reward(spec)(texts, responses) for spec in rewards}
-    source = (
-        f"{base.name}: {len(prompts)} {Path(split).name} prompts x {samples_per_prompt} responses "
-        f"(1 greedy, rest sampled), {max_new_tokens} new tokens, seed {seed}"
-    )
-    return fit_reward_scale(scores, source)
