@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
 import threading
 import time
@@ -105,9 +106,11 @@ def test_a_request_past_its_deadline_leaves_the_queue_at_once(loaded):
     assert sorted(observer.outcomes) == ["success", "timeout"]  # each counted once
 
 
-def test_the_http_layer_never_counts_what_the_engine_counts(loaded):
+def test_the_http_layer_never_counts_what_the_engine_counts(loaded, caplog):
     """Every request sent is one sample of mage_requests_total, whichever side ends it:
-    some finish, some pass their deadline running, some in the queue."""
+    some finish, some pass their deadline running, some in the queue. A healthy engine
+    answers each deadline itself, so the HTTP layer's fallback never speaks."""
+    caplog.set_level(logging.WARNING, logger="mage.server")
     with serving(loaded, max_running=1, request_timeout_s=0.6) as (url, state):
         slow_steps(state)
         payloads = [{"inputs": "Hi", "parameters": {"max_new_tokens": n}} for n in (2, 240, 240)]
@@ -130,3 +133,20 @@ def test_the_http_layer_never_counts_what_the_engine_counts(loaded):
         assert metric(url, "mage_requests_total") == len(payloads)
         assert metric(url, 'mage_requests_total{outcome="timeout"}') == 3
         assert metric(url, 'mage_requests_total{outcome="cancelled"}') == 0
+    assert "no answer from the engine" not in caplog.text
+
+
+def test_a_request_the_http_layer_gives_up_on_is_counted_once(loaded):
+    """An engine whose steps outlast the deadline and its grace: the HTTP layer answers 504
+    and counts the timeout, and the engine, finishing the request later, counts nothing."""
+    with serving(loaded, request_timeout_s=0.2) as (url, state):
+        step = state.engine.step
+        state.engine.step = lambda: (time.sleep(0.8), step())  # > 0.2 s deadline + 0.5 s grace
+        finished, finish = threading.Event(), state.engine._finish_handle
+        state.engine._finish_handle = lambda *a: (finish(*a), finished.set())
+        payload = {"inputs": "Hi", "parameters": {"max_new_tokens": 3}}
+        response = httpx.post(f"{url}/generate", json=payload, timeout=30)
+        assert response.status_code == 504 and response.json()["error_type"] == "timeout"
+        assert finished.wait(30)  # the engine has ended the request too, and counted or not
+        assert metric(url, "mage_requests_total") == 1
+        assert metric(url, 'mage_requests_total{outcome="timeout"}') == 1
