@@ -106,6 +106,21 @@ def test_a_request_past_its_deadline_leaves_the_queue_at_once(loaded):
     assert sorted(observer.outcomes) == ["success", "timeout"]  # each counted once
 
 
+def test_a_cancelled_queued_request_leaves_the_queue_at_once(loaded):
+    """A client that goes away while queued frees its queue place (mage_queue_size, the
+    autoscaler's signal) at the next step, not when a slot would have taken it."""
+    observer, ignore = Outcomes(), lambda event: None
+    engine = Engine(loaded, EngineConfig(max_running=1), observer)
+    engine.submit(RequestHandle(make_request(loaded, "Hi", max_new=40), ignore, time.monotonic()))
+    engine.step()  # the only slot is taken
+    gone = RequestHandle(make_request(loaded, "Hi", max_new=4), ignore, time.monotonic())
+    engine.submit(gone)
+    gone.cancel()
+    engine.step()
+    assert engine.queue_size == 0 and engine.running == 1
+    assert observer.outcomes == ["cancelled"]
+
+
 def test_the_http_layer_never_counts_what_the_engine_counts(loaded, caplog):
     """Every request sent is one sample of mage_requests_total, whichever side ends it:
     some finish, some pass their deadline running, some in the queue. A healthy engine
