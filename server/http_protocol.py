@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -57,9 +56,10 @@ class ShapedH11Protocol(H11Protocol):
 
     def _headers_late(self) -> None:
         self._header_deadline = None
-        waiting_for_headers = self.conn.their_state is h11.IDLE and (
-            self.cycle is None or self.cycle.response_complete
-        )
+        # uvicorn starts a cycle once a request's headers are all in: none, or only the
+        # previous one's, means this connection is still waiting for headers. (No h11
+        # import: it is uvicorn's dependency, not this package's.)
+        waiting_for_headers = self.cycle is None or self.cycle.response_complete
         if waiting_for_headers and not self.transport.is_closing():
             message = f"request headers not received within {self.header_timeout_s:g} s"
             self._answer_and_close(408, message, "timeout")
