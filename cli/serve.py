@@ -1,0 +1,59 @@
+"""`mage serve`: serve a store over HTTP, every ServerSettings field a flag."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+
+from model_store.errors import StoreError
+from server.settings import ServerSettings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from model_store.validate import check_store
+    from server.app import create_app
+    from server.http_protocol import uvicorn_config
+
+    overrides = {
+        k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None
+    }
+    settings = ServerSettings(**overrides)
+    if not settings.store:
+        from model_store.resources import demo_store_path
+
+        try:
+            demo = demo_store_path()
+        except FileNotFoundError as exc:
+            print(f"mage serve: no --store given and no demo store: {exc}", file=sys.stderr)
+            return 2
+        print(f"mage serve: no --store given; serving the embedded demo store {demo}")
+        settings = settings.model_copy(update={"store": str(demo)})
+    try:
+        check_store(settings.store)  # fail fast, with the file and the problem, before binding
+    except StoreError as exc:
+        print(f"mage serve: bad store: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    return 0
+
+
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="serve a store over HTTP")
+    for name, field in ServerSettings.model_fields.items():
+        flag, help_text = (
+            f"--{name.replace('_', '-')}",
+            f"{field.description} [env MAGE_{name.upper()}]",
+        )
+        if field.annotation is bool:
+            serve.add_argument(
+                flag, dest=name, action=argparse.BooleanOptionalAction, help=help_text
+            )
+        elif typing.get_origin(field.annotation) is list:  # repeatable (api keys, origins)
+            serve.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        else:
+            kind = field.annotation if field.annotation in (int, float) else str
+            serve.add_argument(flag, dest=name, type=kind, default=None, help=help_text)
+    serve.set_defaults(func=_serve)
