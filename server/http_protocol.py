@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -74,16 +75,26 @@ class ShapedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
-    """The uvicorn Config that `mage serve` (and the tests' live servers) run the app with."""
+def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
+    """uvicorn's options for `settings`: the shaped protocol with its header deadline."""
     protocol = type(
         "ShapedH11Protocol", (ShapedH11Protocol,), {"header_timeout_s": settings.header_timeout_s}
     )
-    return uvicorn.Config(
-        app,  # type: ignore[arg-type]
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        http=protocol,
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-    )
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "http": protocol,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+    }
+
+
+def uvicorn_config(app: object, settings: ServerSettings) -> uvicorn.Config:
+    """The uvicorn Config the tests' live servers run the app with (in a thread)."""
+    return uvicorn.Config(app, **uvicorn_options(settings))  # type: ignore[arg-type]
+
+
+def serve(app: object, settings: ServerSettings) -> None:
+    """Serve `app` until stopped, as `mage serve` does: through uvicorn.run, so that what
+    stands in for uvicorn.run (a test that must not bind a port) stands in here too."""
+    uvicorn.run(app, **uvicorn_options(settings))  # type: ignore[arg-type]

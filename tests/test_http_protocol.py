@@ -80,3 +80,16 @@ def test_the_header_deadline_does_not_cut_a_long_answer(loaded):
         answer = _exchange(url, raw)  # 60 steps of 20 ms: well past the header deadline
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["details"]["generated_tokens"] == 60
+
+
+def test_mage_serve_runs_the_shaped_protocol(monkeypatch):
+    """serve() hands uvicorn.run the shaped protocol with the settings' header limits."""
+    from server.http_protocol import ShapedH11Protocol, serve
+    from server.settings import ServerSettings
+
+    seen = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **options: seen.update(options, app=app))
+    serve("app", ServerSettings(header_timeout_s=2.5, max_header_bytes=4096, port=1234))
+    assert seen["app"] == "app" and seen["port"] == 1234
+    assert issubclass(seen["http"], ShapedH11Protocol) and seen["http"].header_timeout_s == 2.5
+    assert seen["h11_max_incomplete_event_size"] == 4096
