@@ -91,7 +91,13 @@ def test_batched_eval_matches_the_server_engine(tiny_store, tmp_path):
     store = load_store(tiny_store, "cpu", "float32")
     engine = Engine(store)
     prompts = [encode_prompt(store.tokenizer, p["prompt"]) for p in load_prompts("test")[:3]]
-    cfg = EvalConfig(tiny_store, tmp_path, ("mage-e-m",), ((0.3, 0.7),), max_new_tokens=6)
+    cfg = EvalConfig(
+        store=tiny_store,
+        out=tmp_path,
+        methods=("mage-e-m",),
+        preferences=((0.3, 0.7),),
+        max_new_tokens=6,
+    )
     batched = generate_texts(store, "mage-e-m", (0.3, 0.7), prompts, cfg, engine.eos_ids)
     for ids, (text, _) in zip(prompts, batched, strict=True):
         mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
