@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from guidance.batch import Batch
 from guidance.engine import Engine
 from guidance.plan import DecodePlan, build_plan
 from guidance.requests import GenerationRequest, SamplingParams
 from guidance.search import BeamSettings, beam_lookahead, greedy_generate
+from merging import get_merge_method, solve_lambda
 from model_store.errors import StoreError
 from model_store.loader import load_store
 from model_store.manifest import MANIFEST_NAME
 from model_store.validate import check_store
+from model_store.value_head import load_value_head
 
 MODES = ("none", "explicit", "explicit-ensemble", "implicit", "implicit-ensemble")
 PROMPTS = ("How do I bake bread?", "Hi", "Tell me a long story about a dragon and a knight")
@@ -49,14 +54,83 @@ def prefill(store, plan: DecodePlan, prompts: list[list[int]]) -> tuple[Batch, t
     return batch, batch.prefill(batch.prefill_left)
 
 
+def peft_merged(root: Path, folders: list[str], weights: list[float]) -> PreTrainedModel:
+    """The base plus sum_i w_i Delta_i of the LoRA folders (Eq. 6, Eq. 24), merged by PEFT
+    ("cat" is exact for any signs of w) and unloaded into plain transformers weights."""
+    model = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32)
+    if not folders:
+        return model.eval()
+    names = [f"a{k}" for k in range(len(folders))]
+    model = PeftModel.from_pretrained(model, str(root / folders[0]), adapter_name=names[0])
+    for name, folder in zip(names[1:], folders[1:], strict=True):
+        model.load_adapter(str(root / folder), adapter_name=name)
+    model.add_weighted_adapter(names, weights, "merged", combination_type="cat")
+    model.set_adapter("merged")
+    return model.merge_and_unload().eval()
+
+
+def reference_scores(root: Path, store, mode: str, mu: torch.Tensor, gamma: float):
+    """ids -> guided next-token scores log pi + gamma V (Eq. 25), from whole transformers
+    models (no batch, no padding, no KV cache, no multi-LoRA rows): the engine's answer
+    computed another way."""
+    manifest, matrix = store.checked.manifest, store.checked.combination_matrix
+    weights = mu.tolist()
+    policy_coefficients = get_merge_method("bone-soup").coefficients(matrix, mu, manifest.alpha)
+    backbones = [b.path for b in manifest.backbones]
+    policy = peft_merged(root, backbones, policy_coefficients.tolist())
+    base = peft_merged(root, [], [])
+
+    def logp(model, x: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(model(x).logits[0, -1].float(), -1)
+
+    def head_mix(model, mix: list[float], x: torch.Tensor) -> torch.Tensor:
+        # Heads are linear (Sec. 3.4.1), so the merged head of Eq. (24) is sum_i w_i head_i(h).
+        hidden = model(x, output_hidden_states=True).hidden_states[-1][0, -1:]
+        embedding = model.get_output_embeddings().weight
+        return sum(w * head(hidden, embedding)[0] for w, head in zip(mix, heads, strict=True))
+
+    heads = [load_value_head(root / s.head) for s in manifest.guidance.explicit]
+    values = [s.path for s in manifest.guidance.explicit]
+    if mode == "none":
+        value = lambda x: 0.0  # noqa: E731
+    elif mode == "implicit":  # pi* is the policy's own Bone Soup merge (Eq. 23)
+        value = lambda x: logp(policy, x) - logp(base, x)  # noqa: E731
+    elif mode == "implicit-ensemble":  # sum_i lambda_i log pi_i/pi_ref, lambda = B^-1 mu
+        lambdas = solve_lambda(matrix, mu).tolist()
+        alone = [peft_merged(root, [b], [1.0]) for b in backbones]
+        value = lambda x: sum(  # noqa: E731
+            w * (logp(m, x) - logp(base, x)) for w, m in zip(lambdas, alone, strict=True)
+        )
+    elif mode == "explicit":  # one value model merged with mu (Eq. 24)
+        merged = peft_merged(root, values, weights)
+        value = lambda x: head_mix(merged, weights, x)  # noqa: E731
+    else:  # explicit-ensemble: sum_i mu_i V_i, each value model alone
+        singles = [peft_merged(root, [v], [1.0]) for v in values]
+        one_hot = torch.eye(len(values)).tolist()
+        value = lambda x: sum(  # noqa: E731
+            w * head_mix(m, e, x) for w, m, e in zip(weights, singles, one_hot, strict=True)
+        )
+    return lambda x: logp(policy, x) + gamma * value(x)
+
+
+def reference_greedy(score, prompt: list[int], max_new: int, eos: set[int]) -> list[int]:
+    out: list[int] = []
+    with torch.no_grad():
+        while len(out) < max_new and not (out and out[-1] in eos):
+            out.append(int(score(torch.tensor([prompt + out])).argmax()))
+    return out
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_batched_greedy_equals_the_engine_per_prompt(engine, mode):
-    """Left padding, positions and per-row coefficients must not change a single token."""
+def test_batched_greedy_equals_transformers_per_prompt(engine, tiny_store, mode):
+    """Left padding, positions and per-row coefficients must not change a single token: the
+    batch decodes as a plain per-prompt greedy loop over PEFT-merged transformers models."""
     mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
     plan = build_plan(engine.store, mode, mu, "bone-soup")
     ids = prompt_ids(engine.store)
     batched = greedy_generate(engine.store, plan, ids, 10, 1.0)
-    assert batched == [one_at_a_time(engine, p, mu, mode) for p in ids]
+    score = reference_scores(tiny_store, engine.store, mode, mu, 1.0)
+    assert batched == [reference_greedy(score, p, 10, engine.store.eos_ids) for p in ids]
 
 
 def test_batched_greedy_with_standalone_value_models(standalone_store):

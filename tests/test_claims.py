@@ -4,7 +4,9 @@ paper's beam configurations sampled as Sec. 5.2.2 does."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 
 import numpy as np
 import pytest
@@ -48,9 +50,13 @@ def test_mage_i_weighs_backbones_by_lambda(store, mix):
     sum_i w_i h_i = mu^T r), or w = mu for the ablation; pi_i is backbone i alone."""
     mu = torch.tensor([0.3, 0.7], dtype=torch.float64)
     plan = build_plan(store, "implicit-ensemble", mu, "bone-soup", implicit_mix=mix)
-    weights = solve_lambda(store.checked.combination_matrix, mu) if mix == "lambda" else mu
-    assert torch.allclose(torch.tensor(plan.mix, dtype=torch.float64), weights)
-    assert float(weights.sum()) == pytest.approx(1.0)  # columns of B on the simplex
+    matrix = store.checked.combination_matrix
+    weights = solve_lambda(matrix, mu) if mix == "lambda" else mu
+    used = torch.tensor(plan.mix, dtype=torch.float64)
+    assert torch.allclose(used, weights)
+    if mix == "lambda":  # Eq. 12 from the plan's own weights: B lambda = mu, and lambda != mu
+        assert torch.allclose(matrix @ used, mu)
+        assert not torch.allclose(used, mu, atol=0.05)  # else the two mixes look the same
     ids = [store.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Hi", "Bake?")]
     batch, outputs = prefill(store, plan, ids)
     value = batch.parts(outputs)[1]
@@ -117,11 +123,52 @@ def test_default_pairs():
     ]
 
 
-def test_paper_beams_sample_as_section_5_2_2():
-    assert sorted(PAPER_BEAMS) == ["b2c1l10", "b2c1l5", "b2c2l10", "b2c2l5", "b4c1l10"]
-    config = PAPER_BEAMS["b4c1l10"]
-    assert (config.width, config.expansion, config.interval) == (4, 1, 10)
-    assert (config.temperature, config.top_k, config.top_p) == (1.0, 50, 0.9)
+TABLE_4_BEAMS = ("b2c1l5", "b2c2l5", "b2c1l10", "b2c2l10", "b4c1l10")
+"""The beam configurations of the paper's Table 4: b beams kept, c samples each, l tokens."""
+
+
+@pytest.mark.parametrize("label", TABLE_4_BEAMS)
+def test_paper_beams_sample_as_section_5_2_2(store, monkeypatch, label):
+    """`mage eval --methods beam-<label>` keeps b beams of c samples each, selects every l
+    tokens, and samples every token at temperature 1, top-k 50, top-p 0.9 (Sec. 5.2.2),
+    whatever the run's own --beam-* flags say. Read off the search while it runs."""
+    import guidance.search as search
+    from evaluation.methods import generate_batch
+    from guidance.batch import Batch
+    from guidance.search import BeamSettings
+
+    assert set(PAPER_BEAMS) == set(TABLE_4_BEAMS)
+    width, expansion, interval = map(int, re.fullmatch(r"b(\d+)c(\d+)l(\d+)", label).groups())
+    events: list[tuple] = []
+    real_warp, real_keep = search.warp, Batch.keep
+
+    def warp(scores, params):
+        events.append(("warp", len(params), {(p.temperature, p.top_k, p.top_p) for p in params}))
+        return real_warp(scores, params)
+
+    def keep(self, rows):
+        events.append(("keep", list(rows)))
+        return real_keep(self, rows)
+
+    monkeypatch.setattr(search, "warp", warp)
+    monkeypatch.setattr(Batch, "keep", keep)
+    prompts = [store.tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("Hi", "Bake?")]
+    flags = BeamSettings(1, 1, 1, temperature=0.5, top_k=3, top_p=0.5)  # a named beam ignores
+    tokens = 2 * interval + 1  # two selections, then one token of a third chunk
+    generate_batch(store, f"beam-{label}", (0.3, 0.7), prompts, tokens, 1.0, set(), flags)
+    group = width * expansion  # candidates per prompt
+    warps = [e for e in events if e[0] == "warp"]
+    assert len(warps) == tokens
+    assert all(n == 2 * group and settings == {(1.0, 50, 0.9)} for _, n, settings in warps)
+    at = [i for i, e in enumerate(events) if e[0] == "keep"]
+    chunks = [sum(e[0] == "warp" for e in events[a:b]) for a, b in itertools.pairwise(at)]
+    assert chunks == [interval] * 2  # l tokens sampled between two selections
+    assert events[at[0]][1] == [0] * group + [1] * group  # each prompt's b x c candidates
+    for _, chosen in (events[i] for i in at[1:]):
+        for p in range(2):  # per prompt: b survivors of its own candidates, c samples each
+            part = chosen[p * group : (p + 1) * group]
+            assert all(p * group <= k < (p + 1) * group for k in part)
+            assert len(set(part)) == width and all(part.count(k) == expansion for k in part)
 
 
 def scaled_store(path, gamma_by_mode: dict | None = None) -> None:
@@ -225,14 +272,17 @@ def test_tune_gamma_writes_each_modes_choice(store_copy, tmp_path, capsys):
 
 
 def test_tune_alpha_grid_has_zero_and_beyond_a_half(store_copy, capsys):
+    """`mage tune alpha` with its default grid tries Bone Soup without extrapolation
+    (alpha = 0 in Eq. 13) and extrapolation past one half."""
     scaled_store(store_copy)
     args = ["tune", "alpha", "--store", str(store_copy), "--preferences", "1,0;0,1"]
-    args += ["--limit", "2", "--max-new-tokens", "3", "--rewards", REWARDS, "--grid", "0,1"]
+    args += ["--limit", "2", "--max-new-tokens", "3", "--rewards", REWARDS]
     assert mage(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(result["hypervolume"]) == {"0.0", "1.0"} and result["reference_point"] == [-3, -3]
-    loser = "1.0" if result["chosen_alpha"] == 0.0 else "0.0"
-    assert set(result["margin_ci"]) == {loser}
+    tried = {float(a) for a in result["hypervolume"]}
+    assert 0.0 in tried and max(tried) > 0.5 and result["reference_point"] == [-3, -3]
+    losers = {a for a in result["hypervolume"] if float(a) != result["chosen_alpha"]}
+    assert set(result["margin_ci"]) == losers
 
 
 def test_server_takes_the_tuned_gamma_of_the_requested_mode(store_copy):
