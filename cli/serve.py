@@ -11,11 +11,9 @@ from server.settings import ServerSettings
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from model_store.validate import check_store
     from server.app import create_app
-    from server.http_protocol import uvicorn_config
+    from server.http_protocol import serve
 
     overrides = {
         k: v for k, v in vars(args).items() if k in ServerSettings.model_fields and v is not None
@@ -36,7 +34,7 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"mage serve: bad store: {exc}", file=sys.stderr)
         return 2
-    uvicorn.Server(uvicorn_config(create_app(settings), settings)).run()
+    serve(create_app(settings), settings)
     return 0
 
 
