@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import os
 import shutil
-import time
 
 import httpx
 import pytest
@@ -34,11 +33,11 @@ def hashed(monkeypatch):
 @pytest.fixture
 def fresh_store(tiny_store, tmp_path, monkeypatch):
     """A private copy (its own paths, so no other test's verification is reused); its files
-    count as settled (RACY_SECONDS = 0), as a store copied in a while ago would."""
+    count as settled however recently written (RACY_SECONDS = -inf), as a store copied in a
+    while ago would."""
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)
-    monkeypatch.setattr(validate, "RACY_SECONDS", 0.0)
-    time.sleep(0.02)  # past the copy's filesystem timestamp tick
+    monkeypatch.setattr(validate, "RACY_SECONDS", float("-inf"))
     return root
 
 
@@ -56,13 +55,13 @@ def test_a_changed_file_is_hashed_again_and_refused(fresh_store, hashed):
     check_store(fresh_store)
     head = fresh_store / "values/helpful-head.safetensors"
     before = head.stat()
-    time.sleep(0.02)
     tensors = load_file(str(head))
     tensors["out_bias"] += 1.0
     save_file(tensors, str(head), metadata={"kind": "tied"})
-    # Even with size and mtime put back, the inode change time moved: hashed again.
+    # Even with size and mtime put back, the rewrite is another inode: hashed again.
     assert head.stat().st_size == before.st_size
     os.utime(head, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert head.stat().st_ino != before.st_ino
     with pytest.raises(StoreError, match="helpful-head.safetensors: checksum mismatch"):
         check_store(fresh_store)
     assert hashed[head.resolve().as_posix()] == 2

@@ -321,12 +321,19 @@ def test_non_finite_guided_scores_fail_the_request_not_the_batch(store):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_health_reports_a_dead_or_stalled_engine(store, monkeypatch):
     engine = Engine(store, EngineConfig(stall_timeout_s=0.2))
-    release = threading.Event()
-    monkeypatch.setattr(engine, "step", lambda: release.wait(5))
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck() -> None:
+        entered.set()
+        release.wait(5)
+
+    monkeypatch.setattr(engine, "step", stuck)
     engine.start()
     assert engine.health() is None
     engine.submit(RequestHandle(request(store, "Hi"), lambda e: None, time.monotonic()))
-    time.sleep(0.5)
+    assert entered.wait(5)  # the engine thread is inside a step that does not return
+    assert engine.health() is None  # not yet past stall_timeout_s
+    engine.heartbeat -= 1.0  # its last loop turn now lies 1 s back: as if 1 s had passed
     assert "no step" in engine.health()
     release.set()
     engine.stop()
@@ -364,6 +371,25 @@ def test_an_eos_token_ends_generation_unless_ignored(store):
     assert len(ignoring) == 6 and ignoring[-1].details["finish_reason"] == "length"
 
 
+class PollCounter(threading.Event):
+    """The engine's wake event, counting its idle polls: an idle loop turn waits on it once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polls, self._target, self._reached = 0, None, threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.polls += 1
+        if self._target is not None and self.polls >= self._target:
+            self._reached.set()
+        return super().wait(timeout)
+
+    def after(self, more: int) -> threading.Event:
+        """Set once `more` further polls have happened."""
+        self._target = self.polls + more
+        return self._reached
+
+
 def test_freed_memory_goes_back_to_the_os_when_the_batch_drains(store, monkeypatch):
     """The engine returns freed KV buffers (malloc_trim) once the batch drains, not on every
     idle poll: without it, the server's RSS ratchets up with the largest batch it has seen."""
@@ -372,6 +398,7 @@ def test_freed_memory_goes_back_to_the_os_when_the_batch_drains(store, monkeypat
     calls = []
     monkeypatch.setattr(engine_module, "return_free_memory", lambda: calls.append(1))
     engine = Engine(store)
+    engine._wake = wake = PollCounter()
     engine.start()
     try:
         done = threading.Event()
@@ -382,7 +409,7 @@ def test_freed_memory_goes_back_to_the_os_when_the_batch_drains(store, monkeypat
 
         engine.submit(RequestHandle(request(store, "Hi"), on_event, time.monotonic()))
         assert done.wait(30)
-        time.sleep(0.3)  # several idle polls
+        assert wake.after(5).wait(30)  # five idle polls since the request finished
         assert len(calls) == 1
     finally:
         engine.stop()
