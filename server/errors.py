@@ -231,8 +231,12 @@ def collapse_unions(errors: Iterable[Mapping[str, Any]]) -> list[dict]:
             result.append(error)
             continue
         head, members = error["loc"], groups[error["loc"]]
-        mismatched = [e for rest, e in members if not rest and e["type"] in _TYPES]
-        fitting = [{**e, "loc": head + rest} for rest, e in members if e not in mismatched]
+        mismatched, fitting = [], []
+        for rest, e in members:  # a type error at a member's root: the value is not its type
+            if not rest and e["type"] in _TYPES:
+                mismatched.append(e)
+            else:
+                fitting.append({**e, "loc": head + rest})
         if fitting:
             result.extend(collapse_unions(fitting))
         else:

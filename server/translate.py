@@ -6,6 +6,7 @@ everything is shared: store defaults, preference, guidance mode, limits, samplin
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import uuid
@@ -230,6 +231,7 @@ _MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 """Private-use characters around the index of a hidden control token."""
 
 
+@functools.lru_cache(maxsize=4)  # one store's tokenizer per server: built once, not per chat
 def _control_tokens(tokenizer: Any) -> re.Pattern[str]:
     """The tokenizer's special tokens (<|im_start|>, <|im_end|>, <|endoftext|>, ...) and the
     marker characters themselves, as one pattern, longest first."""
