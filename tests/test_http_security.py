@@ -104,10 +104,9 @@ def test_keys_come_from_env_and_repeated_flags_and_are_never_printed(monkeypatch
     monkeypatch.delenv("MAGE_API_KEY")
     seen = {}
     monkeypatch.setattr("model_store.validate.check_store", lambda path: None)
-    # mage serve runs uvicorn.Server(uvicorn_config(app, settings)): capture, never serve.
+    # mage serve runs uvicorn.run(app, **options): capture, never bind.
     monkeypatch.setattr(
-        "uvicorn.Server.run",
-        lambda server, *a, **kw: seen.update(settings=server.config.app.state.serving.settings),
+        "uvicorn.run", lambda app, **options: seen.update(settings=app.state.serving.settings)
     )
     caplog.set_level(logging.DEBUG)
     argv = ["serve", "--store", "x", "--api-key", "flag-one", "--api-key", "flag-two"]

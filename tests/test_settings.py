@@ -18,11 +18,10 @@ def test_cli_flags_override_environment(monkeypatch, tiny_store):
     monkeypatch.setenv("MAGE_PORT", "9999")
     seen = {}
 
-    def fake_run(server, *args, **kwargs):  # mage serve runs uvicorn.Server(config).run()
-        config = server.config
-        seen.update(host=config.host, port=config.port, settings=config.app.state.serving.settings)
+    def fake_run(app, **options):  # mage serve runs uvicorn.run(app, **options): never bind
+        seen.update(host=options["host"], port=options["port"], settings=app.state.serving.settings)
 
-    monkeypatch.setattr("uvicorn.Server.run", fake_run)
+    monkeypatch.setattr("uvicorn.run", fake_run)
     argv = ["serve", "--store", str(tiny_store), "--max-queue", "3", "--request-timeout-s", "2.5"]
     assert cli.main.main(argv) == 0
     settings = seen["settings"]
