@@ -91,9 +91,31 @@ def write_value_head(head: ValueHead, path: Path) -> None:
     save_value_head(head, path)
 
 
+def packaged_base_label(manifest: StoreManifest) -> str | None:
+    """`package/file` for a base shipped as GGUF in a Python package; None for a folder."""
+    base = manifest.base
+    return None if base.gguf_package is None else f"{base.gguf_package}/{base.gguf_file}"
+
+
+def name_packaged_base_in_adapters(root: Path, manifest: StoreManifest) -> None:
+    """PEFT records the folder it loaded the base from as base_model_name_or_path; for a
+    packaged GGUF base that is the training machine's conversion cache, meaningless
+    anywhere else. The adapters name the package and file instead, as the manifest does."""
+    label = packaged_base_label(manifest)
+    if label is None:
+        return
+    for config_path in sorted(root.rglob("adapter_config.json")):
+        config = json.loads(config_path.read_text())
+        if config.get("base_model_name_or_path") != label:
+            config["base_model_name_or_path"] = label
+            config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def write_manifest(root: Path, manifest: dict | StoreManifest) -> StoreManifest:
-    """Validate the manifest, fill in the sha256 of every weight file, and write it."""
+    """Validate the manifest, fill in the sha256 of every weight file, and write it
+    (adapters over a packaged base name that base, not a local cache folder)."""
     parsed = StoreManifest.model_validate(manifest) if isinstance(manifest, dict) else manifest
+    name_packaged_base_in_adapters(root, parsed)
     checksums = {
         p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*.safetensors"))
     }

