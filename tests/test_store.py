@@ -215,7 +215,7 @@ def test_adapters_over_a_packaged_base_name_it_not_a_local_cache(tmp_path):
     manifest = json.loads((DEMO_STORE / MANIFEST_NAME).read_text())
     adapter = tmp_path / "backbones" / "relevance"
     adapter.mkdir(parents=True)
-    config = {"base_model_name_or_path": "/home/someone/.cache/mage/bases/SmolLM2", "r": 4}
+    config = {"base_model_name_or_path": str(tmp_path / ".cache" / "bases" / "SmolLM2"), "r": 4}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     write_manifest(tmp_path, manifest)
     written = json.loads((adapter / "adapter_config.json").read_text())
