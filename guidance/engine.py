@@ -92,9 +92,15 @@ class EngineConfig:
 DEADLINE_PASSED = "request exceeded its deadline"
 
 
-def _past(handle: RequestHandle, now: float) -> bool:
+def _abandonment(handle: RequestHandle, now: float) -> tuple[str, ErrorEvent | None] | None:
+    """(outcome, final event) if the request was cancelled or passed its deadline, else
+    None: the one rule for queued, admitted and running requests alike."""
+    if handle.cancelled.is_set():
+        return "cancelled", None
     deadline = handle.request.deadline
-    return deadline is not None and now > deadline
+    if deadline is not None and now > deadline:
+        return "timeout", ErrorEvent(DEADLINE_PASSED, "timeout")
+    return None
 
 
 def _done(events: list[Event]) -> bool:
@@ -312,16 +318,13 @@ class Engine:
         instead of when a slot frees up, and get their answer from the engine."""
         now = time.monotonic()
         with self._lock:
-            expired = [h for h in self.waiting if h.cancelled.is_set() or _past(h, now)]
+            expired = [(h, ended) for h in self.waiting if (ended := _abandonment(h, now))]
             if not expired:
                 return
-            gone = set(map(id, expired))
+            gone = {id(h) for h, _ in expired}
             self.waiting = deque(h for h in self.waiting if id(h) not in gone)
-        for handle in expired:
-            if handle.cancelled.is_set():
-                self._finish_handle(handle, "cancelled", None)
-            else:
-                self._finish_handle(handle, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
+        for handle, (outcome, event) in expired:
+            self._finish_handle(handle, outcome, event)
 
     def _next_group(self) -> Batch | None:
         if self._retry:
@@ -396,11 +399,8 @@ class Engine:
 
     def _prepare(self, handle: RequestHandle) -> Sequence | None:
         request = handle.request
-        if handle.cancelled.is_set():
-            self._finish_handle(handle, "cancelled", None)
-            return None
-        if _past(handle, time.monotonic()):
-            self._finish_handle(handle, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
+        if ended := _abandonment(handle, time.monotonic()):
+            self._finish_handle(handle, *ended)
             return None
         plan, hit = (request.plan, False) if request.plan is not None else self._plan_for(request)
         seed, generator = request.sampling.seed, None
@@ -432,12 +432,8 @@ class Engine:
 
     # --- emit and finish --------------------------------------------------------------------
     def _check_abandoned(self, seq: Sequence) -> None:
-        if seq.finished:
-            return
-        if seq.handle.cancelled.is_set():
-            self._finish(seq, "cancelled", None)
-        elif seq.request.deadline is not None and time.monotonic() > seq.request.deadline:
-            self._finish(seq, "timeout", ErrorEvent(DEADLINE_PASSED, "timeout"))
+        if not seq.finished and (ended := _abandonment(seq.handle, time.monotonic())):
+            self._finish(seq, *ended)
 
     def _emit(self, seq: Sequence, pick: Pick) -> None:
         if seq.finished:
