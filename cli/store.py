@@ -61,7 +61,8 @@ def _inspect(args: argparse.Namespace) -> int:
             f"w={spec.weights}"
         )
     for spec in m.guidance.explicit:
-        print(f"value      {spec.objective}: {spec.kind} {spec.path} head={spec.head}")
+        scored = f"beta={spec.beta}" if spec.kind == "arm" else f"head={spec.head}"
+        print(f"value      {spec.objective}: {spec.kind} {spec.path} {scored}")
     print(f"implicit   {'yes' if m.guidance.implicit else 'no'}")
     print(f"defaults   {m.defaults.model_dump_json()}")
     n = len(m.objectives)

@@ -79,11 +79,15 @@ class DecodePlan:
     """Explicit value sources: one merged source, or n ensemble sources."""
     mix: tuple[float, ...]
     """Per pi* row or value source, the weight of its guidance term: (1,) when merged, mu for
-    MAGE-E, lambda = B^-1 mu for MAGE-I (see `build_plan`)."""
+    MAGE-E, lambda = B^-1 mu for MAGE-I (see `build_plan`); per `arm` row, mu_i beta_i (merged:
+    sum_i mu_i beta_i)."""
     terms: tuple[ScoreTerm, ...] = ()
     """Eq. (25) as a weighted sum of this plan's outputs (see `score_terms`)."""
     active_slots: tuple[int, ...] = ()
     """Adapter slots with a non-zero coefficient in some row (known without a device read)."""
+    arm_rows: tuple[int, ...] = ()
+    """Explicit modes over `arm` value models: rows whose next-token log-probabilities,
+    times beta, are V (one merged row, or n ensemble rows; see `arm_values`)."""
 
     @property
     def rows(self) -> int:
@@ -92,7 +96,7 @@ class DecodePlan:
     @property
     def logprob_rows(self) -> list[int]:
         """Shared rows whose next-token log-probabilities the step needs."""
-        return logprob_rows(self.policy_rows, self.pistar_rows, self.reference_row)
+        return logprob_rows(self.policy_rows, self.pistar_rows, self.reference_row, self.arm_rows)
 
     def nbytes(self) -> int:
         total = self.coefficients.numel() * self.coefficients.element_size()
@@ -103,10 +107,13 @@ class DecodePlan:
 
 
 def logprob_rows(
-    policy_rows: tuple[int, ...], pistar_rows: tuple[int, ...], reference_row: int | None
+    policy_rows: tuple[int, ...],
+    pistar_rows: tuple[int, ...],
+    reference_row: int | None,
+    arm_rows: tuple[int, ...] = (),
 ) -> list[int]:
     """Shared rows whose next-token log-probabilities a plan needs, in output order."""
-    rows = {*policy_rows, *pistar_rows}
+    rows = {*policy_rows, *pistar_rows, *arm_rows}
     return sorted(rows | ({reference_row} if reference_row is not None else set()))
 
 
@@ -118,13 +125,18 @@ def score_terms(
     pistar_rows: tuple[int, ...],
     value_count: int,
     mix: tuple[float, ...],
+    arm_rows: tuple[int, ...] = (),
 ) -> tuple[ScoreTerm, ...]:
     """log pi + gamma V (Eq. 25) as terms over outputs; policy terms first. Implicit V is
     sum_j w_j (log pi*_j - log pi_ref) = sum_j w_j log pi*_j - (sum_j w_j) log pi_ref (Eq. 23);
-    explicit V is sum_j w_j V_j (Eq. 24 merged: one source with w = 1)."""
+    explicit V is sum_j w_j V_j (Eq. 24 merged: one source with w = 1); over `arm` value
+    models V_j = beta_j log pi_r,j, so each arm row is a log-probability term of weight `mix`
+    (which then carries w_j beta_j)."""
     at = {row: i for i, row in enumerate(outputs)}
     terms = [ScoreTerm(at[r], w, 0.0) for r, w in zip(policy_rows, policy_mix, strict=True)]
-    if value_count:
+    if arm_rows:
+        terms += [ScoreTerm(at[r], 0.0, w) for r, w in zip(arm_rows, mix, strict=True)]
+    elif value_count:
         first = len(outputs)
         terms += [ScoreTerm(first + k, 0.0, w) for k, w in enumerate(mix)]
     elif reference_row is not None:
@@ -196,6 +208,23 @@ def _value_sources(store: LoadedStore, mode: str, mu: list[float], first_row: in
     return rows, sources
 
 
+def arm_values(store: LoadedStore, mode: str, mu: list[float], first_row: int):
+    """Rows, row numbers and term weights of `arm` value models (GenARM, PARM).
+
+    `explicit` merges the adapters by Eq. (24), Delta = sum_i mu_i Delta_i, in one row whose
+    V is (sum_i mu_i beta_i) log pi_r,merged; `explicit-ensemble` runs each alone, V =
+    sum_i mu_i beta_i log pi_r,i. Either way the guided score is
+    log pi + gamma sum_i mu_i beta_i log pi_r,i (Eq. 25; exactly so for the ensemble)."""
+    betas = store.arm_betas
+    if mode == "explicit":
+        rows = [dict(zip(store.value_slots, mu, strict=True))]
+        weights = [sum(w * b for w, b in zip(mu, betas, strict=True))]
+    else:
+        rows = [{slot: 1.0} for slot in store.value_slots]
+        weights = [w * b for w, b in zip(mu, betas, strict=True)]
+    return rows, tuple(range(first_row, first_row + len(rows))), tuple(weights)
+
+
 def _policy_adapter_slots(store: LoadedStore, adapters: str) -> list[int]:
     """Slots a merge method's coefficients go to: the backbones, or the Rewarded-Soup
     specialists (the backbones themselves when B = I)."""
@@ -255,7 +284,7 @@ def build_plan(
     else:  # MOD: pi_i alone in row i
         rows = [{slot: 1.0} for slot in adapter_slots]
         policy_rows, policy_mix = tuple(range(n)), tuple(weights)
-    reference_row, pistar_rows, values, mix = None, (), (), (1.0,)
+    reference_row, pistar_rows, values, mix, arm_rows = None, (), (), (1.0,), ()
     if mode.startswith("implicit"):
         rows.append({})  # pi_ref: the bare base
         reference_row = len(rows) - 1
@@ -275,18 +304,22 @@ def build_plan(
     elif mode.startswith("explicit"):
         if store.value_kind is None:
             raise ValueError("this store has no explicit value models")
-        value_rows, sources = _value_sources(store, mode, weights, first_row=len(rows))
+        if store.value_kind == "arm":
+            value_rows, arm_rows, mix = arm_values(store, mode, weights, first_row=len(rows))
+        else:
+            value_rows, sources = _value_sources(store, mode, weights, first_row=len(rows))
+            values = tuple(sources)
+            mix = tuple(weights) if mode == "explicit-ensemble" else mix
         rows += value_rows
-        values = tuple(sources)
-        mix = tuple(weights) if mode == "explicit-ensemble" else mix
     terms = score_terms(
-        logprob_rows(policy_rows, pistar_rows, reference_row),
+        logprob_rows(policy_rows, pistar_rows, reference_row, arm_rows),
         policy_rows,
         policy_mix,
         reference_row,
         pistar_rows,
         len(values),
         mix,
+        arm_rows,
     )
     dense = [[row.get(slot, 0.0) for slot in range(store.slot_count)] for row in rows]
     return DecodePlan(
@@ -302,4 +335,5 @@ def build_plan(
         mix=mix,
         terms=terms,
         active_slots=tuple(sorted({s for row in rows for s, c in row.items() if c != 0.0})),
+        arm_rows=arm_rows,
     )

@@ -15,7 +15,7 @@ import torch
 from guidance.batch import Batch
 from guidance.engine import Engine, EngineConfig
 from guidance.plan import DecodePlan
-from guidance.requests import ErrorEvent, GenerationRequest, SamplingParams
+from guidance.requests import ErrorEvent, GenerationRequest, SamplingParams, TokenEvent
 from guidance.sampling import warp
 from model_store.loader import LoadedStore
 
@@ -30,8 +30,26 @@ def greedy_generate(
 ) -> list[list[int]]:
     """Greedy guided decoding of every prompt under one plan, all in one batch; token ids
     per prompt (an EOS ends a sequence and is included)."""
+    found = run_plan(store, plan, prompts, max_new_tokens, gamma, ignore_eos=ignore_eos)
+    return [[event.id for event in events] for events in found]
+
+
+def run_plan(
+    store: LoadedStore,
+    plan: DecodePlan,
+    prompts: list[list[int]],
+    max_new_tokens: int | list[int],
+    gamma: float = 1.0,
+    sampling: list[SamplingParams] | None = None,
+    ignore_eos: bool = False,
+) -> list[list[TokenEvent]]:
+    """Every prompt decoded under one plan through the engine's step, all in one batch; the
+    token events per prompt. `max_new_tokens` and `sampling` (default greedy) may differ per
+    prompt (the oracles of evaluation.oracle sample, ask for top-n alternatives, and roll
+    out continuations of different lengths)."""
     config = EngineConfig(max_queue=0, max_running=len(prompts), prefill_tokens=None)
     engine = Engine(store, config)
+    limits = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(prompts)
     requests = [
         GenerationRequest(
             f"offline-{i}",
@@ -39,8 +57,8 @@ def greedy_generate(
             plan.preference,
             plan.mode,
             gamma,
-            SamplingParams(),
-            max_new_tokens,
+            sampling[i] if sampling is not None else SamplingParams(),
+            limits[i],
             ignore_eos=ignore_eos,
             plan=plan,
         )
@@ -50,7 +68,7 @@ def greedy_generate(
     for events in engine.run_all(requests):
         if isinstance(events[-1], ErrorEvent):
             raise RuntimeError(f"offline generation failed: {events[-1].message}")
-        generated.append([event.id for event in events])
+        generated.append(events)
     return generated
 
 
@@ -114,7 +132,8 @@ def beam_lookahead(
     (transformers' rules, as the server samples); per prompt, the `width` best-scoring candidates
     survive each chunk. A beam's score is its summed log pi*/pi_ref under implicit guidance
     (the implicit reward of Eq. 23, as in weak-to-strong search), its latest value under
-    explicit guidance (Eq. 16 trains V to predict the final reward), else its log pi.
+    explicit guidance (Eq. 16 trains V to predict the final reward), its summed
+    beta log pi_r over `arm` value models (their reward is that sum), else its log pi.
     Returns per prompt its best beam and that beam's score."""
     b, c = settings.width, settings.expansion
     group = b * c  # candidates per prompt; beam i belongs to prompt i // group
@@ -129,7 +148,7 @@ def beam_lookahead(
     scores, done = [0.0] * len(start), [False] * len(start)
     warping = [SamplingParams(settings.temperature, settings.top_k, settings.top_p)]
     replaces = bool(plan.values)
-    by_value = bool(plan.values) or plan.reference_row is not None
+    by_value = bool(plan.values) or plan.reference_row is not None or bool(plan.arm_rows)
 
     def best_per_prompt() -> list[tuple[list[int], float]]:
         firsts = range(0, len(beams), group)

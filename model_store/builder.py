@@ -184,7 +184,8 @@ def build_random_store(
     hidden, vocab = config.hidden_size, config.vocab_size
     explicit = []
     for i, objective in enumerate(objectives if value_kind else ()):
-        if value_kind == "lora":
+        spec = {"objective": objective, "kind": value_kind, "path": f"values/{objective}"}
+        if value_kind in ("lora", "arm"):
             write_random_lora(
                 base,
                 root / f"values/{objective}",
@@ -196,18 +197,15 @@ def build_random_store(
         else:
             torch.manual_seed(seed + 30 + i)
             type(base)(base.config).save_pretrained(str(root / f"values/{objective}"))
-        write_value_head(
-            random_value_head(hidden, vocab, head_kind, seed + 40 + i, head_std),
-            root / f"values/{objective}-head.safetensors",
-        )
-        explicit.append(
-            {
-                "objective": objective,
-                "kind": value_kind,
-                "path": f"values/{objective}",
-                "head": f"values/{objective}-head.safetensors",
-            }
-        )
+        if value_kind == "arm":  # an autoregressive reward model: no head, V = beta log pi_r
+            spec["beta"] = 0.5 + 0.25 * i  # unequal betas, so a test sees each one
+        else:
+            write_value_head(
+                random_value_head(hidden, vocab, head_kind, seed + 40 + i, head_std),
+                root / f"values/{objective}-head.safetensors",
+            )
+            spec["head"] = f"values/{objective}-head.safetensors"
+        explicit.append(spec)
     specialists = []
     for i, objective in enumerate(objectives if with_specialists else ()):
         write_random_lora(

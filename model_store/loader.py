@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ from model_store.adapters import ADAPTER_WEIGHTS, LoraAdapter, load_lora_adapter
 from model_store.architectures import OutputHead, output_head, verify_output_head
 from model_store.errors import StoreError
 from model_store.multi_lora import RowCoefficients, wrap_linear_layers
-from model_store.validate import CheckedStore, check_store, resolve
+from model_store.validate import CheckedStore, baseline_adapters, check_store, resolve
 from model_store.value_head import HeadBank, ValueHead, load_value_head
 
 END_OF_DOCUMENT_TOKENS = frozenset({"<|endoftext|>", "</s>", "<|end_of_text|>", "<|eot_id|>"})
@@ -24,8 +24,8 @@ class LoadedStore:
     """Everything the engine needs, resident on one device.
 
     Adapter slots: 0..n-1 are the backbones (objective order of B's columns); then the
-    explicit value adapters in objective order, when the value models are LoRA; then the
-    Rewarded-Soup specialists, when the manifest lists them.
+    explicit value adapters in objective order, when the value models are LoRA (`lora`,
+    `arm`); then the Rewarded-Soup specialists, when the manifest lists them.
     """
 
     checked: CheckedStore
@@ -39,7 +39,7 @@ class LoadedStore:
     output_head: OutputHead
     """The base's lm_head and the transforms its forward applies after it."""
     value_kind: str | None
-    """'lora', 'standalone' or None when the store has no explicit value models."""
+    """'lora', 'standalone', 'arm' or None when the store has no explicit value models."""
     value_heads: tuple[ValueHead, ...]
     """Explicit value heads in objective order."""
     value_bank: HeadBank | None
@@ -50,6 +50,10 @@ class LoadedStore:
     """Where everything lives."""
     dtype: torch.dtype
     """Model dtype."""
+    baseline_slots: dict[str, int] = field(default_factory=dict)
+    """Slots of the baselines' adapters, after the specialists: 'ric' (always loaded when the
+    manifest has one: merge_method "ric" serves it), and 'morlhf:<mu>' / 'modpo:<mu>'
+    (validate.preference_slot_name) when loaded for evaluation."""
 
     @property
     def objectives(self) -> list[str]:
@@ -92,7 +96,16 @@ class LoadedStore:
     @property
     def value_slots(self) -> list[int]:
         n = self.n_objectives
-        return list(range(n, 2 * n)) if self.value_kind == "lora" else []
+        return list(range(n, 2 * n)) if self.value_kind in ("lora", "arm") else []
+
+    @property
+    def arm_betas(self) -> list[float]:
+        """beta_i of each `arm` value model, in objective order (empty for other kinds):
+        V_i = beta_i log pi_r,i."""
+        if self.value_kind != "arm":
+            return []
+        by_objective = {s.objective: s.beta for s in self.checked.manifest.guidance.explicit}
+        return [float(by_objective[name]) for name in self.objectives]  # type: ignore[arg-type]
 
     @property
     def specialist_slots(self) -> list[int]:
@@ -101,7 +114,8 @@ class LoadedStore:
 
     @property
     def slot_count(self) -> int:
-        return self.n_objectives + len(self.value_slots) + len(self.checked.manifest.specialists)
+        first_extra = self.n_objectives + len(self.value_slots)
+        return first_extra + len(self.checked.manifest.specialists) + len(self.baseline_slots)
 
 
 def pick_device(device: str) -> torch.device:
@@ -146,7 +160,11 @@ def _install_adapters(model: PreTrainedModel, adapters: list[LoraAdapter]) -> Ro
     return coefficients
 
 
-def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> LoadedStore:
+def load_store(
+    path: Path | str, device: str = "auto", dtype: str = "auto", preference_adapters: bool = False
+) -> LoadedStore:
+    """Load a checked store; `preference_adapters` also loads the MORLHF and MODPO adapters
+    (evaluation only: the server never answers with them)."""
     checked = check_store(path)
     manifest, root = checked.manifest, checked.root
     torch_device = pick_device(device)
@@ -168,15 +186,24 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
     specs = [by_objective[name] for name in manifest.objectives] if by_objective else []
     value_kind = specs[0].kind if specs else None
     standalone: list[PreTrainedModel] = []
-    if value_kind == "lora":
+    if value_kind in ("lora", "arm"):
         adapters += [adapter(spec.path, f"value:{spec.objective}") for spec in specs]
     elif value_kind == "standalone":
         standalone = [
             load_causal_lm(resolve(root, s.path), torch_device, torch_dtype) for s in specs
         ]
     adapters += [adapter(s.path, s.name) for s in manifest.specialists]
+    baselines = {
+        name: spec_path
+        for name, spec_path in baseline_adapters(manifest).items()
+        if name == "ric" or preference_adapters
+    }
+    baseline_slots = {name: len(adapters) + i for i, name in enumerate(baselines)}
+    adapters += [adapter(spec_path, name) for name, spec_path in baselines.items()]
     heads = tuple(
-        load_value_head(resolve(root, s.head)).to(torch_device, torch_dtype) for s in specs
+        load_value_head(resolve(root, s.head)).to(torch_device, torch_dtype)
+        for s in specs
+        if s.head is not None  # 'arm' values are scored by the base's own lm_head
     )
     coefficients = _install_adapters(model, adapters)
     return LoadedStore(
@@ -191,4 +218,5 @@ def load_store(path: Path | str, device: str = "auto", dtype: str = "auto") -> L
         tuple(standalone),
         torch_device,
         torch_dtype,
+        baseline_slots,
     )

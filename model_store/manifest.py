@@ -55,13 +55,34 @@ class BackboneSpec(_Strict):
 class ExplicitValueSpec(_Strict):
     objective: str
     """The objective this value model predicts the final reward of (Eq. 16)."""
-    kind: Literal["lora", "standalone"] = "lora"
+    kind: Literal["lora", "standalone", "arm"] = "lora"
     """`lora`: a LoRA adapter over the store's base (fast path: shares the base forward);
-    `standalone`: a separate Hugging Face causal-LM folder with the same tokenizer."""
+    `standalone`: a separate Hugging Face causal-LM folder with the same tokenizer; `arm`:
+    an autoregressive reward model (GenARM, PARM), a LoRA adapter over the base whose
+    next-token log-probabilities are the value, V(x, y<t)[y] = beta log pi_r(y | x, y<t), so
+    that its reward is r(x, y) = beta sum_t log pi_r(y_t | x, y<t). It needs no head."""
     path: str
-    """Adapter folder (`lora`) or model folder (`standalone`)."""
-    head: str
-    """Value head safetensors file: one value per vocabulary token (Sec. 3.4.1)."""
+    """Adapter folder (`lora`, `arm`) or model folder (`standalone`)."""
+    head: str | None = None
+    """Value head safetensors file: one value per vocabulary token (Sec. 3.4.1). Required
+    for `lora` and `standalone`; an `arm` value has none."""
+    beta: float | None = None
+    """`arm` only (required there): beta of r = beta sum_t log pi_r, the scale the pairwise
+    (Bradley-Terry) loss trained it with, so V is in reward units."""
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ExplicitValueSpec:
+        if self.kind == "arm":
+            if self.head is not None:
+                raise ValueError("an 'arm' value model has no head: its log-probabilities are V")
+            if self.beta is None or not (math.isfinite(self.beta) and self.beta > 0):
+                raise ValueError(f"an 'arm' value model needs a finite beta > 0, got {self.beta}")
+        else:
+            if self.head is None:
+                raise ValueError(f"a {self.kind!r} value model needs a head file")
+            if self.beta is not None:
+                raise ValueError("beta applies to 'arm' value models only")
+        return self
 
 
 class GuidanceSpec(_Strict):
@@ -138,6 +159,53 @@ class RewardScaleSpec(_Strict):
         return self
 
 
+class PreferenceAdapterSpec(_Strict):
+    """A LoRA adapter trained for one preference (a MORLHF or MODPO baseline)."""
+
+    preference: list[float]
+    """mu (objective order, on the simplex) the adapter was trained for."""
+    path: str
+    """PEFT LoRA adapter folder."""
+
+
+class RicSpec(_Strict):
+    """A Rewards-in-Context policy (Yang et al. 2024): one adapter that reads the rewards it
+    should reach from the prompt (objectives/ric.py); `merge_method: "ric"` serves it."""
+
+    path: str
+    """PEFT LoRA adapter folder."""
+    reward_low: list[float]
+    """Per objective: the smallest normalised reward (r~, one decimal) of its training data,
+    RiC's lower end of the preference-to-reward map."""
+    reward_high: list[float]
+    """Per objective: the largest, RiC's upper end."""
+
+
+class BaselinesSpec(_Strict):
+    """Trained baselines the paper compares MAGE with (Table 2); only `ric` is served."""
+
+    ric: RicSpec | None = None
+    """The RiC policy, or None."""
+    morlhf: list[PreferenceAdapterSpec] = Field(default_factory=list)
+    """MORLHF (Wu et al. 2023): one GRPO adapter per preference, on mu^T r~."""
+    modpo: list[PreferenceAdapterSpec] = Field(default_factory=list)
+    """MODPO (Zhou et al. 2024): one DPO-with-margin adapter per preference."""
+
+    def problems(self, n: int) -> list[str]:
+        """What does not fit `n` objectives (empty when all is well)."""
+        found = []
+        if self.ric is not None and not (
+            len(self.ric.reward_low) == len(self.ric.reward_high) == n
+        ):
+            found.append(f"baselines.ric needs {n} reward_low and reward_high values")
+        for name in ("morlhf", "modpo"):
+            for spec in getattr(self, name):
+                mu = spec.preference
+                if len(mu) != n or min(mu) < 0 or abs(sum(mu) - 1.0) > 1e-6:
+                    found.append(f"baselines.{name} preference {mu}: need {n} weights >= 0, sum 1")
+        return found
+
+
 class StoreManifest(_Strict):
     format_version: Literal[1] = 1
     """Manifest format version."""
@@ -163,6 +231,8 @@ class StoreManifest(_Strict):
     """Per-request defaults."""
     reward_scale: RewardScaleSpec | None = None
     """Fixed reward scale per objective (training and evaluation); None: raw rewards."""
+    baselines: BaselinesSpec = Field(default_factory=BaselinesSpec)
+    """Trained baselines (RiC, MORLHF, MODPO) for evaluation; RiC is also served."""
     checksums: dict[str, str] = Field(default_factory=dict)
     """sha256 (hex) of every weight file inside the store folder, by relative path."""
 
@@ -174,4 +244,11 @@ class StoreManifest(_Strict):
                 f"reward_scale has {len(scale.center)} values per field for "
                 f"{len(self.objectives)} objectives"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _baselines_match_objectives(self) -> StoreManifest:
+        problems = self.baselines.problems(len(self.objectives))
+        if problems:
+            raise ValueError("; ".join(problems))
         return self

@@ -201,7 +201,8 @@ def check_objectives(manifest: StoreManifest, manifest_path: Path) -> torch.Tens
                 f"need exactly one per objective {manifest.objectives}",
             )
         if len({spec.kind for spec in explicit}) != 1:
-            raise StoreError(manifest_path, "explicit value models mix lora and standalone")
+            kinds = sorted({spec.kind for spec in explicit})
+            raise StoreError(manifest_path, f"explicit value models mix kinds {kinds}")
     return matrix
 
 
@@ -222,6 +223,22 @@ def check_specialists(manifest: StoreManifest, manifest_path: Path) -> None:
             )
 
 
+def baseline_adapters(manifest: StoreManifest) -> dict[str, str]:
+    """The baselines' adapters by slot name ('ric', 'morlhf:<mu>', 'modpo:<mu>') -> path."""
+    baselines = manifest.baselines
+    found = {"ric": baselines.ric.path} if baselines.ric is not None else {}
+    for method in ("morlhf", "modpo"):
+        for spec in getattr(baselines, method):
+            found[preference_slot_name(method, spec.preference)] = spec.path
+    return found
+
+
+def preference_slot_name(method: str, preference: list[float] | tuple[float, ...]) -> str:
+    """'morlhf:0.3,0.7': the slot name of a per-preference baseline adapter (weights rounded to
+    6 decimals, as plans round preferences)."""
+    return f"{method}:" + ",".join(f"{round(float(w), 6):g}" for w in preference)
+
+
 def check_store(root: Path | str) -> CheckedStore:
     """Run every static check; return what loading needs."""
     root = Path(root).resolve()
@@ -237,16 +254,19 @@ def check_store(root: Path | str) -> CheckedStore:
     for backbone in [*manifest.backbones, *manifest.specialists]:
         adapter = load_lora_adapter(resolve(root, backbone.path), backbone.name, torch.float32)
         check_adapter_fits(adapter, shapes)
+    for name, path in baseline_adapters(manifest).items():
+        check_adapter_fits(load_lora_adapter(resolve(root, path), name, torch.float32), shapes)
     for spec in manifest.guidance.explicit:
-        head_path = resolve(root, spec.head)
-        head = load_value_head(head_path)
-        if head.vocab_size != vocab_size:
-            raise StoreError(
-                head_path,
-                f"head gives {head.vocab_size} values, the base vocabulary has {vocab_size}",
-            )
+        if spec.head is not None:  # an 'arm' value scores with the base's own lm_head
+            head_path = resolve(root, spec.head)
+            head = load_value_head(head_path)
+            if head.vocab_size != vocab_size:
+                raise StoreError(
+                    head_path,
+                    f"head gives {head.vocab_size} values, the base vocabulary has {vocab_size}",
+                )
         model_path = resolve(root, spec.path)
-        if spec.kind == "lora":
+        if spec.kind in ("lora", "arm"):
             check_adapter_fits(load_lora_adapter(model_path, spec.objective, torch.float32), shapes)
         else:
             check_architecture(model_path)
