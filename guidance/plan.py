@@ -225,11 +225,33 @@ def arm_values(store: LoadedStore, mode: str, mu: list[float], first_row: int):
     return rows, tuple(range(first_row, first_row + len(rows))), tuple(weights)
 
 
-def _policy_adapter_slots(store: LoadedStore, adapters: str) -> list[int]:
+def _baseline_slot(store: LoadedStore, adapters: str, mu: list[float]) -> list[int]:
+    """The slot of a trained baseline's adapter: RiC's, or the MORLHF/MODPO adapter trained
+    for exactly `mu` (a preference without one is refused by name, never approximated)."""
+    from model_store.validate import preference_slot_name
+
+    if adapters == "ric":
+        if "ric" not in store.baseline_slots:
+            raise ValueError("this store has no RiC adapter (manifest baselines.ric)")
+        return [store.baseline_slots["ric"]]
+    name = preference_slot_name(adapters, mu)
+    if name not in store.baseline_slots:
+        prefix = adapters + ":"
+        trained = sorted(k[len(prefix) :] for k in store.baseline_slots if k.startswith(prefix))
+        raise ValueError(
+            f"{adapters} was not trained for preference {name.partition(':')[2]}; "
+            f"trained (and loaded) for: {trained or 'none'}"
+        )
+    return [store.baseline_slots[name]]
+
+
+def _policy_adapter_slots(store: LoadedStore, adapters: str, mu: list[float]) -> list[int]:
     """Slots a merge method's coefficients go to: the backbones, or the Rewarded-Soup
-    specialists (the backbones themselves when B = I)."""
+    specialists (the backbones themselves when B = I), or a trained baseline's adapter."""
     if adapters == "backbones":
         return store.backbone_slots
+    if adapters != "specialists":
+        return _baseline_slot(store, adapters, mu)
     if store.specialist_slots:
         return store.specialist_slots
     n = store.n_objectives
@@ -272,7 +294,7 @@ def build_plan(
     n, weights = store.n_objectives, mu.tolist()
     matrix, alpha = store.checked.combination_matrix, store.checked.manifest.alpha
     method = get_merge_method(merge_method)
-    adapter_slots = _policy_adapter_slots(store, method.adapters)
+    adapter_slots = _policy_adapter_slots(store, method.adapters, weights)
     lambdas = _apply(linear_map(method, matrix, 0.0), weights)
     rows: list[dict[int, float]]  # each row: adapter slot -> coefficient
     if policy != "logit-ensemble":
