@@ -15,6 +15,8 @@ import torch
 from guidance.plan import build_plan
 from guidance.search import PAPER_BEAMS, BeamSettings, beam_lookahead, greedy_generate
 from model_store.loader import LoadedStore
+from objectives.ric import preference_prompt
+from training.common import encode_prompt
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,11 @@ METHODS: dict[str, EvalMethod] = {
     "beam": EvalMethod(
         "bone-soup", "implicit", "Sec. 5.6.2: MAGE-I-M with beam lookahead", beam=True
     ),
+    "ric": EvalMethod(
+        "ric", "none", "Yang et al. 2024: one adapter, mu as RiC's desired rewards in the prompt"
+    ),
+    "morlhf": EvalMethod("morlhf", "none", "Wu et al. 2023: the GRPO adapter trained on mu^T r~"),
+    "modpo": EvalMethod("modpo", "none", "Zhou et al. 2024: the MODPO adapter trained for mu"),
     **{
         f"beam-{name}": EvalMethod(
             "bone-soup", "implicit", f"Table 4: MAGE-I-M-{name}", beam=True, beam_settings=s
@@ -94,6 +101,27 @@ METHODS: dict[str, EvalMethod] = {
         for name, s in PAPER_BEAMS.items()
     },
 }
+
+
+def needs_preference_adapters(methods) -> bool:
+    """Whether a method answers with an adapter trained per preference (MORLHF, MODPO), which
+    the store then loads (the server never does)."""
+    return any(METHODS[m].merge in ("morlhf", "modpo") for m in methods if m in METHODS)
+
+
+def method_prompt_ids(
+    store: LoadedStore, method: str, mu, text: str, plain: list[int] | None = None
+) -> list[int]:
+    """The prompt ids `method` answers at `mu`: RiC's carry the desired rewards RiC maps mu to
+    (objectives/ric.py, as the server writes them for merge_method "ric"); every other method
+    gets the plain prompt (`plain` when already encoded)."""
+    if METHODS[method].merge != "ric":
+        return plain if plain is not None else encode_prompt(store.tokenizer, text)
+    spec = store.checked.manifest.baselines.ric
+    if spec is None:
+        raise ValueError("method ric: this store has no RiC adapter (`mage train ric`)")
+    tagged = preference_prompt(text, list(mu), spec.reward_low, spec.reward_high)
+    return encode_prompt(store.tokenizer, tagged)
 
 
 def with_alpha(store: LoadedStore, alpha: float) -> LoadedStore:

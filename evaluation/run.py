@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.methods import METHODS, generate_responses
+from evaluation.methods import (
+    METHODS,
+    generate_responses,
+    method_prompt_ids,
+    needs_preference_adapters,
+)
 from evaluation.metrics import chord_gaps, summarise_front
 from evaluation.plot import plot_fronts
 from evaluation.report import markdown_table
@@ -177,9 +182,11 @@ def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str,
                 for first in range(0, len(todo), cfg.batch_size):
                     chunk = todo[first : first + cfg.batch_size]
                     t0 = time.perf_counter()
-                    texts = generate_texts(
-                        store, method, mu, [ids[p["id"]] for p in chunk], cfg, eos, gamma
-                    )
+                    prompt_ids = [
+                        method_prompt_ids(store, method, mu, p["prompt"], ids[p["id"]])
+                        for p in chunk
+                    ]
+                    texts = generate_texts(store, method, mu, prompt_ids, cfg, eos, gamma)
                     share = (time.perf_counter() - t0) / len(chunk)
                     for p, (text, tokens) in zip(chunk, texts, strict=True):
                         row = {
@@ -223,7 +230,7 @@ def run_eval(cfg: EvalConfig, progress=print) -> dict:
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
-    store = load_store(cfg.store)
+    store = load_store(cfg.store, preference_adapters=needs_preference_adapters(cfg.methods))
     specs = list(cfg.rewards or store.objectives)
     if len(specs) != store.n_objectives:
         raise ValueError(f"--rewards: {len(specs)} given for {store.n_objectives} objectives")

@@ -26,7 +26,9 @@ class MergeMethod:
     """(B, mu, alpha) -> per-adapter coefficients, float64 of shape (n,)."""
     adapters: str = "backbones"
     """Which adapters the coefficients weigh: the store's `backbones`, or its Rewarded-Soup
-    `specialists` (trained on e_i; the backbones themselves when B = I)."""
+    `specialists` (trained on e_i; the backbones themselves when B = I), or one trained
+    baseline's adapter: `ric` (the RiC policy), `morlhf` / `modpo` (the adapter trained for
+    exactly this preference)."""
 
 
 def _direct(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -41,6 +43,12 @@ def _rewarded_soup(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torc
 def _rewarded_soup_alpha(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
     # Eq. (13) on Rewarded Soup: separates what the extrapolation adds from what B^-1 adds.
     return bone_soup_coefficients(torch.eye(len(mu), dtype=torch.float64), mu, alpha)
+
+
+def _one_adapter(matrix: torch.Tensor, mu: torch.Tensor, alpha: float) -> torch.Tensor:
+    # A single trained policy applied whole: coefficient sum_j mu_j = 1 on the simplex (written
+    # as a sum so the map stays linear in mu, as every merge method is).
+    return mu.double().sum().reshape(1)
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {
@@ -62,6 +70,13 @@ MERGE_METHODS: dict[str, MergeMethod] = {
             "MAGE Sec. 5.6.3 'aba' ablation / Eq. (24): weights merged with lambda = mu",
             _direct,
         ),
+        MergeMethod(
+            "ric",
+            "Yang et al. 2024 (Rewards-in-Context): one adapter, mu written into the prompt as "
+            "desired rewards (objectives/ric.py); no merge",
+            _one_adapter,
+            adapters="ric",
+        ),
     )
 }
 
@@ -72,7 +87,14 @@ ABLATION_MERGE_METHODS: dict[str, MergeMethod] = {
         "evaluation ablation: Rewarded Soup's lambda = mu, then Eq. (13) extrapolation by alpha",
         _rewarded_soup_alpha,
         adapters="specialists",
-    )
+    ),
+    **{
+        name: MergeMethod(name, reference, _one_adapter, adapters=name)
+        for name, reference in (
+            ("morlhf", "Wu et al. 2023: the GRPO adapter trained on this mu^T r~ (an oracle)"),
+            ("modpo", "Zhou et al. 2024: the MODPO adapter trained for this mu"),
+        )
+    },
 }
 """Merges evaluation compares but the server does not offer (its schema lists
 MERGE_METHODS only)."""

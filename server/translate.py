@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
+from objectives.ric import preference_prompt
 from server.errors import describe_validation, quote
 from server.schemas import (
     SAMPLING_FIELDS,
@@ -260,6 +261,9 @@ def build_request(
         )
     named = guidance.gamma if guidance else None
     gamma = named if named is not None else defaults.gamma_for(mode)  # tuned per mode
+    merge_method = steering.merge_method or "bone-soup"
+    if merge_method == "ric":
+        prompt = ric_prompt(prompt, mu, store)
     ids = tokenize_prompt(prompt, store, settings, options.truncate)
     max_new = options.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
     context = getattr(store.model.config, "max_position_embeddings", None)
@@ -282,9 +286,39 @@ def build_request(
         max_new_tokens=max_new,
         stop=options.stop,
         deadline=time.monotonic() + settings.request_timeout_s,
-        merge_method=steering.merge_method or "bone-soup",
+        merge_method=merge_method,
         prompt_logprobs=options.prompt_logprobs,
     )
+
+
+def ric_prompt(prompt: Prompt, mu: torch.Tensor, store: LoadedStore) -> Prompt:
+    """The prompt a Rewards-in-Context policy answers for mu: RiC's reward tags (the desired
+    rewards RiC maps mu to, objectives/ric.py) after the text, or after the last user message
+    (where RiC's own prompts carry them, just before the assistant turn)."""
+    spec = store.checked.manifest.baselines.ric
+    if spec is None:
+        raise ApiError(
+            422,
+            "merge_method 'ric' needs a Rewards-in-Context adapter, and this store has none "
+            "(manifest baselines.ric; `mage train ric` makes one)",
+            "validation",
+            None,
+            "merge_method",
+        )
+    weights = mu.tolist()
+    if prompt.messages is None:
+        return Prompt(text=preference_prompt(prompt.text or "", weights, *_ric_range(spec)))
+    messages = [dict(m) for m in prompt.messages]
+    users = [i for i, m in enumerate(messages) if m.get("role") == "user"]
+    if not users:
+        raise ApiError(422, "merge_method 'ric' needs a user message to tag", "validation")
+    last = messages[users[-1]]
+    last["content"] = preference_prompt(last["content"], weights, *_ric_range(spec))
+    return Prompt(messages=messages)
+
+
+def _ric_range(spec: Any) -> tuple[list[float], list[float]]:
+    return list(spec.reward_low), list(spec.reward_high)
 
 
 def _preference(

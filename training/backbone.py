@@ -39,8 +39,8 @@ from training.common import (
     pick_device,
     prompt_texts,
     seed_everything,
-    strict_json,
 )
+from training.runs import RunLog, lora_config, train_to_adapter, trainer_args
 
 
 @dataclass
@@ -161,15 +161,6 @@ def _check_run_file(config: BackboneTrainConfig, out: Path) -> None:
     guard_run_settings(out, wanted)
 
 
-def _latest_checkpoint(folder: Path) -> Path | None:
-    if not folder.is_dir():
-        return None
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(folder))
-    return Path(found) if found else None
-
-
 def _dataset(tokenizer: object, prompts: list[str]):
     from datasets import Dataset
 
@@ -180,179 +171,112 @@ def _dataset(tokenizer: object, prompts: list[str]):
     return Dataset.from_list(rows)
 
 
-def _empty_adapter_dir(config: BackboneTrainConfig) -> Path:
-    """Where the final adapter goes (``adapter_dir``, default ``out/adapter``), emptied."""
-    adapter_dir = Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    return adapter_dir
+def _adapter_dir(config: BackboneTrainConfig) -> Path:
+    """Where the final adapter goes: ``adapter_dir``, default ``out/adapter``."""
+    return Path(config.adapter_dir) if config.adapter_dir else Path(config.out) / "adapter"
 
 
-def _finished_run(config: BackboneTrainConfig, latest: Path | None) -> BackboneTrainResult | None:
-    """The result of a run whose latest checkpoint already reached `config.steps`, its adapter
-    copied out of that checkpoint; None when steps remain. transformers' Trainer, resumed at
-    max_steps, still runs one more step, so a re-run (a resumed build) must not call it."""
-    if latest is None:
-        return None
-    try:
-        done = json.loads((latest / "trainer_state.json").read_text())["global_step"]
-    except (OSError, ValueError, KeyError):  # an incomplete checkpoint: the Trainer decides
-        return None
-    if done < config.steps:
-        return None
-    adapter_dir = _empty_adapter_dir(config)
-    adapter_dir.mkdir(parents=True)
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
-        shutil.copy(latest / name, adapter_dir / name)
-    return BackboneTrainResult(adapter_dir, done, 0, latest, {}, [])
-
-
-def _print_logs_as_json(trainer, progress: bool) -> None:
-    """Replace the Trainer's log printers, which print Python dict reprs (single quotes,
-    bare nan), with one strict JSON line per log, so printed metrics parse."""
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    class JsonProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs:
-                self.training_bar.write(strict_json(logs))
-
-    class JsonPrinter(PrinterCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_local_process_zero and logs:
-                print(strict_json(logs), flush=True)
-
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(JsonProgress() if progress else JsonPrinter())
-
-
-def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
-    """Train one backbone with GRPO on h_i (Eq. 11); resumes from ``out/checkpoints``."""
-    from peft import LoraConfig
-    from transformers import TrainerCallback
-
-    try:
-        from trl import GRPOConfig, GRPOTrainer
-    except ImportError as exc:
-        hint = "pip install 'trl>=1.16,<2'"
-        raise TrainingError(f"backbone training needs TRL: {hint} ({exc})") from None
-
+def check_backbone_config(config: BackboneTrainConfig) -> None:
+    """Refuse bad settings before anything loads: the weights (simplex), steps, KL, base."""
     check_weights(config.rewards, config.weights)
     if config.steps < 1:
         raise TrainingError("--steps must be >= 1")
     if config.kl <= 0:
         raise TrainingError("--kl must be > 0 (Eq. 11 keeps the backbone near the base)")
     check_base(config.base)
-    out = Path(config.out)
-    _check_run_file(config, out)
-    ckpt_dir = out / "checkpoints"
-    resume = _latest_checkpoint(ckpt_dir)
-    finished = _finished_run(config, resume)
-    if finished is not None:
-        return finished
-    device = pick_device(config.device)
-    seed_everything(config.seed)
+    scale = config.reward_scale
+    if scale is not None and len(scale.center) != len(config.rewards):
+        raise TrainingError(
+            f"reward scale has {len(scale.center)} objectives, --rewards {len(config.rewards)}"
+        )
+
+
+def reward_functions(config: BackboneTrainConfig) -> list[ObjectiveReward]:
+    """One GRPO reward function per objective, each on its own fixed scale r~_j."""
+    scale = config.reward_scale
     try:
-        scale = config.reward_scale
-        if scale is not None and len(scale.center) != len(config.rewards):
-            raise TrainingError(
-                f"reward scale has {len(scale.center)} objectives, --rewards {len(config.rewards)}"
-            )
-        reward_funcs = [
+        return [
             ObjectiveReward(spec, None if scale is None else scale.one(j))
             for j, spec in enumerate(config.rewards)
         ]
     except RewardError as exc:
         raise TrainingError(f"--rewards: {exc}") from None
-    model, tokenizer = load_base(config.base)
-    prompts = prompt_texts(config.split, config.max_prompts)
-    if not prompts:
-        raise TrainingError(f"prompt split {config.split!r} is empty")
 
-    args = dict(
-        output_dir=str(ckpt_dir),
-        max_steps=config.steps,
+
+def grpo_args(config: BackboneTrainConfig, ckpt_dir: Path, cpu: bool) -> dict:
+    """GRPOConfig fields: h_i = w_i^T r~ (`reward_weights`, `sum_then_normalize`), beta = eta."""
+    args = trainer_args(
+        ckpt_dir, config.steps, config.lr, config.seed, cpu, config.progress, config.save_steps
+    )
+    args.update(
         per_device_train_batch_size=config.prompts_per_step * config.num_generations,
         gradient_accumulation_steps=1,
         num_generations=config.num_generations,
         max_completion_length=config.max_completion_length,
         temperature=config.temperature,
-        learning_rate=config.lr,
-        lr_scheduler_type="constant",  # so a resumed run with more --steps continues evenly
         beta=config.kl,
         reward_weights=list(config.weights),
         multi_objective_aggregation=config.aggregation,
         scale_rewards=config.advantage_scale,
-        save_strategy="steps",
-        save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        logging_steps=1,
-        report_to="none",
-        push_to_hub=False,
-        seed=config.seed,
-        data_seed=config.seed,
-        use_cpu=device.type == "cpu",
-        bf16=False,
-        gradient_checkpointing=False,
-        disable_tqdm=not config.progress,
         log_completions=False,
     )
     args.update(config.extra_args)
-    peft_config = LoraConfig(
-        r=config.rank,
-        lora_alpha=config.lora_alpha,
-        target_modules=list(config.targets),
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    history: list[dict] = []
-    steps_run = [0]
+    return args
 
-    class _Recorder(TrainerCallback):
-        def on_step_end(self, _args, state, control, **kwargs):
-            steps_run[0] += 1
 
-        def on_log(self, _args, state, control, logs=None, **kwargs):
-            if logs and "reward" in logs:
-                entry = {"step": state.global_step, **logs}
-                history.append(entry)
-                with (out / "log.jsonl").open("a", encoding="utf-8") as handle:
-                    handle.write(strict_json(entry) + "\n")
+def _grpo_trainer(config: BackboneTrainConfig, ckpt_dir: Path, log: RunLog):
+    """TRL's GRPOTrainer over a fresh LoRA on the base, on the training prompts."""
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError as exc:
+        hint = "pip install 'trl>=1.16,<2'"
+        raise TrainingError(f"backbone training needs TRL: {hint} ({exc})") from None
 
-    out.mkdir(parents=True, exist_ok=True)
+    reward_funcs = reward_functions(config)
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    model, tokenizer = load_base(config.base)
+    prompts = prompt_texts(config.split, config.max_prompts)
+    if not prompts:
+        raise TrainingError(f"prompt split {config.split!r} is empty")
     try:
         with warnings.catch_warnings():  # TRL still sets the deprecated gradient_checkpointing
             warnings.simplefilter("ignore", FutureWarning)
-            grpo_args = GRPOConfig(**args)
-        trainer = GRPOTrainer(
+            args = GRPOConfig(**grpo_args(config, ckpt_dir, device.type == "cpu"))
+        return GRPOTrainer(
             model=model,
             reward_funcs=reward_funcs,
-            args=grpo_args,
+            args=args,
             train_dataset=_dataset(tokenizer, prompts),
             processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=[_Recorder()],
+            peft_config=lora_config(config.rank, config.lora_alpha, config.targets),
+            callbacks=[log.callback()],
         )
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"cannot set up GRPO training: {exc}") from None
-    _print_logs_as_json(trainer, config.progress)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except RewardError as exc:
-        raise TrainingError(str(exc)) from None
 
-    adapter_dir = _empty_adapter_dir(config)
-    trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)
+
+def train_backbone(config: BackboneTrainConfig) -> BackboneTrainResult:
+    """Train one backbone with GRPO on h_i (Eq. 11); resumes from ``out/checkpoints``."""
+    check_backbone_config(config)
+    out = Path(config.out)
+    _check_run_file(config, out)
+    step, steps_run, resume, log = train_to_adapter(
+        lambda log: _grpo_trainer(config, out / "checkpoints", log),
+        out,
+        config.steps,
+        _adapter_dir(config),
+        config.progress,
+        log_key="reward",
+    )
+    history = log.history
     means = {
         spec: sum(entry[f"rewards/{spec}/mean"] for entry in history) / len(history)
         for spec in config.rewards
         if history and all(f"rewards/{spec}/mean" in entry for entry in history)
     }
-    return BackboneTrainResult(
-        adapter_dir, trainer.state.global_step, steps_run[0], resume, means, history
-    )
+    return BackboneTrainResult(_adapter_dir(config), step, steps_run, resume, means, history)
 
 
 def train_backbone_store(

@@ -183,6 +183,144 @@ def _value_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline_options(parser: argparse.ArgumentParser) -> None:
+    """--store, --preferences, --work, --rewards of the trained baselines."""
+    parser.add_argument("--store", type=Path, required=True, help="store to train it for")
+    parser.add_argument("--work", type=Path, default=None, help="checkpoints (default STORE-work)")
+    parser.add_argument("--rewards", default="", help="reward specs (default: the objectives)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+
+
+def _store_objectives(args: argparse.Namespace) -> int:
+    from model_store.validate import read_manifest
+
+    return len(read_manifest(args.store).objectives)
+
+
+def _morlhf(args: argparse.Namespace) -> int:
+    from training.baselines import parse_preferences
+    from training.morlhf import MorlhfConfig, train
+
+    settings = _rl_settings(args)
+    config = MorlhfConfig(
+        store=args.store,
+        preferences=parse_preferences(args.preferences, _store_objectives(args)),
+        work=args.work,
+        rewards=tuple(parse_names(args.rewards)) or None,
+        backbone=settings,
+    )
+    for mu, path in train(config):
+        print(f"morlhf {list(mu)}: {path}")
+    return 0
+
+
+def _sft_settings(args: argparse.Namespace) -> dict:
+    from training.runs import LoraSettings
+    from training.sampling import SamplingSettings
+
+    return {
+        "store": args.store,
+        "work": args.work,
+        "rewards": tuple(parse_names(args.rewards)) or None,
+        "steps": args.steps,
+        "lr": args.lr,
+        "lora": LoraSettings(args.rank, args.lora_alpha, _targets_of(args.targets, args.store)),
+        "sampling": SamplingSettings(args.samples_per_prompt, args.max_new_tokens),
+        "split": args.split,
+        "max_prompts": args.max_prompts,
+        "save_steps": args.save_steps,
+        "seed": args.seed,
+        "device": args.device,
+        "progress": not args.no_progress,
+    }
+
+
+def _targets_of(targets: str, store: Path) -> tuple[str, ...]:
+    from training.baselines import store_task
+
+    return _targets(argparse.Namespace(targets=targets, base=store_task(store).base))
+
+
+def _modpo(args: argparse.Namespace) -> int:
+    from training.baselines import parse_preferences
+    from training.modpo import ModpoConfig, train
+
+    config = ModpoConfig(
+        preferences=parse_preferences(args.preferences, _store_objectives(args)),
+        beta=args.beta,
+        pairs_per_step=args.batch_size,
+        **_sft_settings(args),
+    )
+    for w, path in train(config):
+        print(f"modpo {list(w)}: {path}")
+    return 0
+
+
+def _ric(args: argparse.Namespace) -> int:
+    from training.ric import RicConfig, train
+
+    config = RicConfig(
+        online_rounds=args.online_rounds,
+        quantile=args.quantile,
+        batch_size=args.batch_size,
+        **_sft_settings(args),
+    )
+    print(f"ric: {train(config)}")
+    return 0
+
+
+def _sft_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--steps", type=int, default=100, help="steps per adapter or round")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--targets", default="auto", help="LoRA targets (as for backbones)")
+    parser.add_argument("--batch-size", type=int, default=4, help="pairs/responses per step")
+    parser.add_argument("--samples-per-prompt", type=int, default=4, help="1 greedy + N-1 sampled")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--split", default="train", help=SPLIT_HELP)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--save-steps", type=int, default=25, help="checkpoint every N steps")
+
+
+PREFERENCES_HELP = "preferences 'w1,w2;w1,w2;...' (default: mage eval's sweep, both ends)"
+
+
+def _add_baseline_commands(sub: argparse._SubParsersAction) -> None:
+    morlhf = sub.add_parser("morlhf", help="MORLHF: one GRPO adapter per preference on mu^T r~")
+    _baseline_options(morlhf)
+    morlhf.add_argument("--lr", type=float, default=1e-4)
+    morlhf.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    morlhf.add_argument("--lora-alpha", type=int, default=16)
+    morlhf.add_argument("--targets", default="auto", help="LoRA targets (as for backbones)")
+    morlhf.add_argument("--preferences", default="", help=PREFERENCES_HELP)
+    _rl_options(morlhf, rewards=False)
+    morlhf.set_defaults(func=lambda a: _run("morlhf", _morlhf_with_base, a))
+
+    modpo = sub.add_parser("modpo", help="MODPO: one DPO-with-margin adapter per weight w")
+    _baseline_options(modpo)
+    _sft_options(modpo)
+    modpo.add_argument("--preferences", default="", help=PREFERENCES_HELP)
+    modpo.add_argument("--beta", type=float, default=0.1, help="MODPO's KL strength beta")
+    modpo.set_defaults(func=lambda a: _run("modpo", _modpo, a))
+
+    ric = sub.add_parser("ric", help="Rewards-in-Context: SFT on reward-tagged prompts + online")
+    _baseline_options(ric)
+    _sft_options(ric)
+    ric.add_argument("--online-rounds", type=int, default=1, help="online rounds (>= 1)")
+    ric.add_argument("--quantile", type=float, default=0.7, help="rejection quantile (RiC: 0.7)")
+    ric.set_defaults(func=lambda a: _run("ric", _ric, a))
+
+
+def _morlhf_with_base(args: argparse.Namespace) -> int:
+    from training.baselines import store_task
+
+    args.base = store_task(args.store).base  # --targets resolve against the store's base
+    return _morlhf(args)
+
+
 def _common(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--base", type=Path, required=True, help="HF model folder (the SFT base)")
     parser.add_argument("--seed", type=int, default=0)
@@ -199,8 +337,9 @@ def _common(parser: argparse.ArgumentParser, lr: float) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _rl_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rewards", required=True, help="comma-separated reward specs r_j")
+def _rl_options(parser: argparse.ArgumentParser, rewards: bool = True) -> None:
+    if rewards:
+        parser.add_argument("--rewards", required=True, help="comma-separated reward specs r_j")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps")
     parser.add_argument("--kl", type=float, default=0.05, help="KL coefficient eta of Eq. (11)")
     parser.add_argument("--prompts-per-step", type=int, default=2)
@@ -244,6 +383,7 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
         "none (0: train on raw rewards)",
     )
     many.set_defaults(func=lambda a: _run("backbones", _backbones, a))
+    _add_baseline_commands(sub)
 
     value = sub.add_parser("value", help="explicit value model for one objective (Eq. 16)")
     _value_options(value)
