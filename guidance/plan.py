@@ -162,7 +162,8 @@ def linear_map(method: MergeMethod, matrix: torch.Tensor, alpha: float) -> list[
         n = matrix.shape[0]
         basis = torch.eye(n, dtype=torch.float64)
         columns = [method.coefficients(matrix, basis[j], alpha).tolist() for j in range(n)]
-        cached = _LINEAR_MAPS[key] = (matrix, [[col[i] for col in columns] for i in range(n)])
+        rows = range(len(columns[0]))  # one per adapter it weighs (1 for a single policy)
+        cached = _LINEAR_MAPS[key] = (matrix, [[col[i] for col in columns] for i in rows])
     return cached[1]
 
 

@@ -1,0 +1,223 @@
+"""The trained baselines of the paper's Table 2 (MORLHF, MODPO, RiC): each `mage train` command
+end to end on the tiny random Llama, then `mage eval --methods ...` on what they wrote, the
+MODPO loss against a hand computation, RiC's prompt format and preference map, and the server
+answering `merge_method: "ric"`. Tiny settings (two preferences, four prompts, one or two
+steps) keep every run to seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model_store.adapters import load_lora_adapter
+from model_store.builder import build_random_store, write_manifest
+from model_store.validate import check_store, read_manifest
+from objectives.ric import desired_rewards, preference_prompt, reward_tags, ric_prompt
+from tests.common import write_tiny_base
+
+pytest.importorskip("trl", minversion="1.16", reason="the baselines train with TRL")
+
+LENGTH = "tests.test_training_backbone:length_reward"
+VOWELS = "tests.test_training_backbone:vowel_reward"
+PREFERENCES = "1,0;0,1"
+TINY = ["--steps", "1", "--max-prompts", "4", "--rank", "2", "--lora-alpha", "4"]
+TINY += ["--no-progress", "--lr", "1e-2", "--save-steps", "1"]
+SFT = ["--samples-per-prompt", "3", "--max-new-tokens", "6", "--batch-size", "2"]
+RL = ["--num-generations", "2", "--max-completion-length", "4", "--prompts-per-step", "2"]
+
+
+def _mage(argv: list[str]) -> int:
+    from cli.main import main
+
+    return main(argv)
+
+
+def _store(root: Path) -> Path:
+    """A store over the tiny base whose objectives are two cheap rewards, with a reward scale."""
+    root.mkdir(parents=True)
+    write_tiny_base(root / "base")
+    build_random_store(root, {"path": "base"}, [LENGTH, VOWELS], 0.7, 0.0, None, name="tiny")
+    manifest = read_manifest(root).model_dump()
+    scale = {"center": [0.3, 0.2], "scale": [0.2, 0.1], "hv_reference": [-2, -2], "samples": 8}
+    write_manifest(root, manifest | {"reward_scale": scale})
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One store, trained for by all three commands (each writes its part of `baselines`)."""
+    store = _store(tmp_path_factory.mktemp("baselines") / "store")
+    common = ["--store", str(store), *TINY]
+    assert _mage(["train", "morlhf", *common, *RL, "--preferences", PREFERENCES]) == 0
+    assert _mage(["train", "modpo", *common, *SFT, "--preferences", PREFERENCES]) == 0
+    assert _mage(["train", "ric", *common, *SFT, "--online-rounds", "1"]) == 0
+    return store
+
+
+def test_each_command_writes_trained_adapters_into_the_manifest(trained):
+    baselines = check_store(trained).manifest.baselines
+    assert [e.preference for e in baselines.morlhf] == [[1.0, 0.0], [0.0, 1.0]]
+    assert [e.preference for e in baselines.modpo] == [[1.0, 0.0], [0.0, 1.0]]
+    ric = baselines.ric
+    assert ric is not None and ric.path == "baselines/ric"
+    assert all(lo <= hi for lo, hi in zip(ric.reward_low, ric.reward_high, strict=True))
+    paths = [e.path for e in [*baselines.morlhf, *baselines.modpo]] + [ric.path]
+    for path in paths:  # PEFT initialises B = 0: non-zero B means training moved it
+        adapter = load_lora_adapter(trained / path, path, torch.float32)
+        assert any(f.lora_b.abs().max() > 0 for f in adapter.modules.values()), path
+    work = trained.with_name("store-work")
+    assert (work / "ric" / "round-1" / "samples.jsonl").is_file()  # the online round ran
+    assert not list(trained.rglob("checkpoint-*"))  # training state stays outside the store
+
+
+def test_a_rerun_resumes_and_trains_no_more(trained, capsys):
+    """Every run is resumable: run again, each finished adapter is found, none retrained."""
+    before = (trained / "baselines/modpo/mu-1-0/adapter_model.safetensors").read_bytes()
+    common = ["--store", str(trained), *TINY, *SFT, "--preferences", "1,0"]
+    assert _mage(["train", "modpo", *common]) == 0
+    after = (trained / "baselines/modpo/mu-1-0/adapter_model.safetensors").read_bytes()
+    assert before == after
+    log = trained.with_name("store-work") / "modpo" / "mu-1-0" / "log.jsonl"
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_mage_eval_runs_every_baseline(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    rc = _mage(
+        ["eval", "--store", str(trained), "--out", str(out), "--methods", "ric,modpo,morlhf"]
+        + ["--preferences", PREFERENCES, "--limit", "2", "--max-new-tokens", "4"]
+        + ["--replicates", "20"]
+    )
+    assert rc == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["metrics"]) == {"ric", "modpo", "morlhf"}
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 2
+    assert all("<rm1_score>" not in r["prompt"] for r in rows)  # rewards see the plain prompt
+
+
+def test_morlhf_and_modpo_refuse_a_preference_they_were_not_trained_for(trained):
+    from guidance.plan import build_plan
+    from model_store.loader import load_store
+
+    store = load_store(trained, "cpu", "float32", preference_adapters=True)
+    mu = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    for method in ("morlhf", "modpo"):
+        with pytest.raises(ValueError, match=r"not trained for preference 0\.5,0\.5.*1,0"):
+            build_plan(store, "none", mu, method)
+    plan = build_plan(store, "none", torch.tensor([1.0, 0.0], dtype=torch.float64), "morlhf")
+    assert plan.active_slots == (store.baseline_slots["morlhf:1,0"],)
+
+
+def test_the_server_answers_merge_method_ric_with_the_tagged_prompt(trained):
+    from model_store.loader import load_store
+    from server.translate import Prompt
+    from server.translate import ric_prompt as server_ric_prompt
+    from tests.http_server import running_server
+
+    store = load_store(trained, "cpu", "float32")
+    assert set(store.baseline_slots) == {"ric"}  # per-preference adapters are eval-only
+    spec = store.checked.manifest.baselines.ric
+    mu = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    tagged = server_ric_prompt(Prompt(messages=[{"role": "user", "content": "Hi"}]), mu, store)
+    expected = preference_prompt("Hi", [0.25, 0.75], spec.reward_low, spec.reward_high)
+    assert tagged.messages == [{"role": "user", "content": expected}]
+    body = {"inputs": "Hello", "parameters": {"merge_method": "ric", "max_new_tokens": 3}}
+    with running_server(store, max_new_tokens=8) as url:
+        answer = httpx.post(f"{url}/generate", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+
+
+def test_a_store_without_ric_refuses_merge_method_ric(tiny_store):
+    from model_store.loader import load_store
+    from tests.http_server import running_server
+
+    body = {"inputs": "Hello", "parameters": {"merge_method": "ric", "max_new_tokens": 3}}
+    with running_server(load_store(tiny_store, "cpu", "float32"), max_new_tokens=8) as url:
+        answer = httpx.post(f"{url}/generate", json=body, timeout=60)
+    assert answer.status_code == 422
+    assert (
+        "Rewards-in-Context" in answer.json()["error"] and "baselines.ric" in answer.json()["error"]
+    )
+
+
+def test_ric_prompt_format():
+    assert reward_tags([0.34, -1.25]) == " <rm1_score> 0.3 <rm2_score> -1.2"
+    assert ric_prompt("How are you? ", [-0.04, 2]) == "How are you? <rm1_score> 0.0 <rm2_score> 2.0"
+    with pytest.raises(ValueError):
+        reward_tags([math.nan])
+
+
+def test_ric_preference_to_reward_map():
+    low, high = [-2.0, -1.0], [2.0, 3.0]
+    # N = 2: mu_i >= 1/2 asks for high_i; otherwise low_i + 2 mu_i (high_i - low_i)
+    assert desired_rewards([0.5, 0.5], low, high) == [2.0, 3.0]
+    assert desired_rewards([1.0, 0.0], low, high) == [2.0, -1.0]
+    assert desired_rewards([0.8, 0.2], low, high) == [2.0, round(-1 + 0.4 * 4, 1)]
+    assert desired_rewards([0.1, 0.9], low, high) == [round(-2 + 0.2 * 4, 1), 3.0]
+    three = desired_rewards([0.2, 0.3, 0.5], [0, 0, 0], [1, 1, 1])
+    assert three == [0.6, 0.9, 1.0]
+    with pytest.raises(ValueError):
+        desired_rewards([0.0, 0.0], low, high)
+
+
+def test_ric_sft_puts_the_loss_on_the_response_only(trained):
+    from training.common import encode_prompt, load_base
+    from training.ric import sft_rows
+    from training.sampling import Sample
+
+    _, tokenizer = load_base(trained / "base")
+    sample = Sample(0, "Hi", [], [5, 6, 7], "abc", True)
+    (row,) = sft_rows(tokenizer, [sample], torch.tensor([[0.26, -1.0]]).numpy())
+    prompt = encode_prompt(tokenizer, "Hi <rm1_score> 0.3 <rm2_score> -1.0")
+    assert row["input_ids"] == prompt + [5, 6, 7]
+    assert row["completion_mask"] == [0] * len(prompt) + [1, 1, 1]
+
+
+def test_modpo_loss_by_hand():
+    from training.modpo import modpo_loss
+
+    # w = (0.25, 0.75), beta = 0.5: logits = (1/w_1)[beta (lr_w - lr_l) - (m_w - m_l)]
+    loss = modpo_loss(
+        torch.tensor(1.0), torch.tensor(-1.0), torch.tensor(0.3), torch.tensor(0.9), 0.25, 0.5
+    )
+    logits = (0.5 * (1.0 - -1.0) - (0.3 - 0.9)) / 0.25
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-logits)), rel=1e-6)
+
+
+def test_modpo_through_trl_equals_the_modpo_loss(trained, tmp_path):
+    """TRL's DPO loss at beta / w_k over margin-shifted precomputed references is MODPO's: at
+    the start (policy = reference) the loss is -log sigmoid(-(m_w - m_l) / w_k) per pair, and
+    the references are the base's log-probabilities plus margin / beta."""
+    from training.modpo import ModpoConfig, _trainer, modpo_loss
+    from training.runs import RunLog
+
+    rows = [
+        {"prompt_ids": [5, 6], "chosen_ids": [7, 8, 0], "rejected_ids": [9, 0],
+         "chosen_margin": 0.6, "rejected_margin": -0.3},
+        {"prompt_ids": [10], "chosen_ids": [11, 0], "rejected_ids": [12, 13, 0],
+         "chosen_margin": -1.2, "rejected_margin": 0.4},
+    ]  # fmt: skip
+    config = ModpoConfig(store=trained, beta=0.5, pairs_per_step=2, progress=False, device="cpu")
+    w_k = 0.4
+    trainer = _trainer(config, trained / "base", rows, w_k, tmp_path, RunLog(tmp_path))
+    data = trainer.train_dataset
+    base = trainer.model
+    with torch.no_grad(), base.disable_adapter():
+        for row, shifted in zip(rows, data["ref_chosen_logps"], strict=True):
+            ids = torch.tensor([row["prompt_ids"] + row["chosen_ids"]])
+            logp = base(ids).logits.log_softmax(-1)[0, :-1].gather(-1, ids[0, 1:, None])[:, 0]
+            own = logp[len(row["prompt_ids"]) - 1 :].sum().item()
+            assert shifted == pytest.approx(own + row["chosen_margin"] / 0.5, abs=1e-4)
+    batch = next(iter(trainer.get_train_dataloader()))
+    loss = trainer.compute_loss(trainer.model, batch).item()
+    zero = torch.zeros(2)
+    margins_w = torch.tensor([r["chosen_margin"] for r in rows])
+    margins_l = torch.tensor([r["rejected_margin"] for r in rows])
+    expected = modpo_loss(zero, zero, margins_w, margins_l, w_k, 0.5).mean().item()
+    assert loss == pytest.approx(expected, rel=1e-4)
