@@ -26,10 +26,12 @@ from dataclasses import dataclass
 import torch
 
 from guidance.batch import Batch
+from guidance.constrain import allowed_tokens
 from guidance.detokenize import IncrementalDetokenizer
 from guidance.kv import return_free_memory
 from guidance.plan import DecodePlan, build_plan, round_preference
 from guidance.plan_cache import MergeCache
+from guidance.prefix_cache import CachedPrefix, PrefixCache
 from guidance.requests import (
     ErrorEvent,
     Event,
@@ -40,6 +42,7 @@ from guidance.requests import (
 )
 from guidance.sampling import Pick, choose_tokens
 from guidance.sequence import Sequence
+from guidance.steering import apply_change
 from model_store.loader import LoadedStore
 
 log = logging.getLogger("mage.engine")
@@ -67,6 +70,8 @@ class EngineObserver:
     def finished(self, outcome: str, seconds: float, generated: int, running: int) -> None: ...
     def merge(self, seconds: float) -> None: ...
     def cache_event(self, event: str) -> None: ...
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None: ...
+    def prefix_evicted(self, blocks: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,15 @@ class EngineConfig:
     """Byte budget of the per-preference merge cache."""
     stall_timeout_s: float = 120.0
     """With work waiting, no completed loop for this long makes `health()` report a stall."""
+    prefix_cache_bytes: int = 0
+    """Byte budget of the prefix cache (guidance.prefix_cache), on the model's device; 0:
+    off (offline use computes every prompt afresh)."""
+    prefix_block_tokens: int = 16
+    """Tokens per prefix-cache block: prompts are reused in whole blocks."""
+    clock: Callable[[], float] = time.monotonic
+    """The time deadlines, submissions and token latencies are read in (`deadline` of a
+    request is in its units); tests step an explicit clock. Health and memory trimming keep
+    real time."""
 
 
 DEADLINE_PASSED = "request exceeded its deadline"
@@ -119,6 +133,17 @@ class Engine:
         self.store, self.config = store, config or EngineConfig()
         self.observer = observer or EngineObserver()
         self.plans = MergeCache(self.config.cache_budget_bytes, on_event=self.observer.cache_event)
+        self.prefix_cache = (
+            PrefixCache(
+                store,
+                self.config.prefix_cache_bytes,
+                self.config.prefix_block_tokens,
+                on_evict=self.observer.prefix_evicted,
+            )
+            if self.config.prefix_cache_bytes > 0
+            else None
+        )
+        self._prefill_plans: dict[int, DecodePlan] = {}  # per id(seq): its prefill's plan
         self.special_ids = set(store.tokenizer.all_special_ids)
         self.eos_ids = store.eos_ids
         self.waiting: deque[RequestHandle] = deque()
@@ -154,7 +179,10 @@ class Engine:
 
     @property
     def running(self) -> int:
-        members = self.decoding.members + (self.prefilling.members if self.prefilling else [])
+        """Requests prefilling or decoding, read from the batches themselves (the metrics
+        read it at scrape time, from another thread: one read of each attribute)."""
+        prefilling = self.prefilling
+        members = self.decoding.members + (prefilling.members if prefilling is not None else [])
         return sum(not seq.finished for seq in members)
 
     def kv_bytes(self) -> int:
@@ -198,7 +226,7 @@ class Engine:
                 if on_event is not None:
                     on_event(event)
 
-            self.submit(RequestHandle(request, record, time.monotonic()), bounded=False)
+            self.submit(RequestHandle(request, record, self.config.clock()), bounded=False)
         while not all(_done(own) for own in events) and self._busy():
             self.step()
         return events
@@ -240,19 +268,43 @@ class Engine:
         if members:
             try:
                 scores = torch.cat([batch.scores(out) for batch, out in ready])  # Eq. (25)
+                allowed = allowed_tokens([s.constraint for s in members], scores)  # grammars
                 picks = choose_tokens(
                     scores,
                     [s.sampling for s in members],
                     [s.generator for s in members],
                     [s.seen for s in members],
+                    allowed,
                 )
-            except Exception as exc:
-                log.exception("guidance or sampling failed")
-                self._fail(members, f"guidance or sampling failed: {exc}")
+            except Exception:  # find the rows that break: only their requests fail
+                log.exception("guidance or sampling failed; retrying request by request")
+                self._pick_alone(ready)
             else:
                 for seq, pick in zip(members, picks, strict=True):
                     self._emit(seq, pick)
         self._settle(prefilled=any(batch is self.prefilling for batch, _ in ready))
+
+    def _pick_alone(self, ready: list[tuple[Batch, torch.Tensor]]) -> None:
+        """Guide and sample each request's row on its own, after the batched pass failed: a
+        request whose row breaks fails alone (a batch whose guided scores cannot be formed
+        fails its own members)."""
+        for batch, outputs in ready:
+            try:
+                scores = batch.scores(outputs)  # (members, vocab), Eq. (25)
+            except Exception as exc:
+                self._fail(batch.members, f"guidance failed: {exc}")
+                continue
+            for row, seq in enumerate(batch.members):
+                try:
+                    one = scores[row : row + 1]
+                    allowed = allowed_tokens([seq.constraint], one)
+                    (pick,) = choose_tokens(
+                        one, [seq.sampling], [seq.generator], [seq.seen], allowed
+                    )
+                except Exception as exc:
+                    self._fail([seq], f"sampling failed: {exc}")
+                else:
+                    self._emit(seq, pick)
 
     def _schedule(self) -> None:
         """Drop abandoned requests, queued or running, then start the next prefill group if
@@ -263,8 +315,28 @@ class Engine:
                 for seq in batch.members:
                     self._check_abandoned(seq)
         self._settle(prefilled=False)
+        self._change_preferences()
         if self.prefilling is None:
             self.prefilling = self._next_group()
+
+    def _change_preferences(self) -> None:
+        """Preferences changed while their requests run take effect from each one's next
+        token (guidance.steering); a batch with a changed member rebuilds its layout."""
+        for batch in (self.decoding, self.prefilling):
+            if batch is not None and any([self._change_preference(s) for s in batch.members]):
+                batch.replanned()
+        for seq in (self._held, *self._retry):
+            if seq is not None:
+                self._change_preference(seq)
+
+    def _change_preference(self, seq: Sequence) -> bool:
+        try:
+            return apply_change(self.store, seq, lambda r, mu: self._plan_for(r, mu)[0])
+        except Exception as exc:  # building its new plan failed: that request alone fails
+            log.exception("preference change failed for %s", seq.request.request_id)
+            message = f"preference change failed: {exc}"
+            self._finish(seq, "error", ErrorEvent(message, "generation"))
+            return False
 
     def _forward(self) -> list[tuple[Batch, torch.Tensor]]:
         """Decode every running sequence (one forward), and the prefill group's next chunk."""
@@ -288,15 +360,21 @@ class Engine:
             else:
                 if outputs is not None:
                     ready.append((group, outputs))
+                    self._store_prefixes(group)
         return ready
 
     def _prefill_failed(self, group: Batch, exc: Exception) -> None:
         """Retry the members one by one, so only the request that breaks fails."""
         self.prefilling = None
-        members = [seq for seq in group.members if not seq.finished]
+        self._retry_alone([seq for seq in group.members if not seq.finished], "prefill", exc)
+
+    def _retry_alone(self, members: list[Sequence], stage: str, exc: Exception) -> None:
+        """Members of a group whose prefill `stage` failed start over one by one; a request
+        that fails alone fails, the others are served."""
+        names = ", ".join(seq.request.request_id for seq in members)
+        log.exception("%s failed for %s", stage, names or "no running request")
         if len(members) == 1:
-            log.exception("prefill failed for %s", members[0].request.request_id)
-            self._fail(members, f"prefill failed: {exc}")
+            self._fail(members, f"{stage} failed: {exc}")
         else:
             self._retry.extend(members)
 
@@ -304,19 +382,36 @@ class Engine:
         """Finished sequences leave their batch; a prefilled group joins the decoding one."""
         for batch in (self.decoding, self.prefilling):
             if batch is not None and any(seq.finished for seq in batch.members):
-                batch.keep([i for i, seq in enumerate(batch.members) if not seq.finished])
+                self._drop_finished(batch)
         group = self.prefilling
         if group is not None and (prefilled or not group):
             if group:
                 self.decoding.extend(group)
             self.prefilling = None
 
+    def _drop_finished(self, batch: Batch) -> None:
+        """Free the finished members' KV. Should that fail, the requests still in the batch
+        are not failed for it: a prefilling group starts over one request at a time; a
+        decoding batch's KV is no longer trusted, so its requests fail (as for a failed
+        decode forward), and the engine goes on with an empty one."""
+        alive = [seq for seq in batch.members if not seq.finished]
+        try:
+            batch.keep([i for i, seq in enumerate(batch.members) if not seq.finished])
+        except Exception as exc:
+            if batch is self.prefilling:
+                self.prefilling = None
+                self._retry_alone(alive, "prefill", exc)
+            else:
+                log.exception("freeing finished requests failed")
+                self._fail(alive, f"batched KV bookkeeping failed: {exc}")
+                self.decoding = Batch(self.store)
+
     # --- admission ----------------------------------------------------------------------
     def _expire_waiting(self) -> None:
         """Finish queued requests that were cancelled or passed their deadline while waiting,
         so they leave the queue (and mage_queue_size, the autoscaler's signal) at once
         instead of when a slot frees up, and get their answer from the engine."""
-        now = time.monotonic()
+        now = self.config.clock()
         with self._lock:
             expired = [(h, ended) for h in self.waiting if (ended := _abandonment(h, now))]
             if not expired:
@@ -327,8 +422,11 @@ class Engine:
             self._finish_handle(handle, outcome, event)
 
     def _next_group(self) -> Batch | None:
-        if self._retry:
-            return self._start([self._retry.popleft()])
+        while self._retry:
+            seq = self._retry.popleft()
+            self._check_abandoned(seq)
+            if not seq.finished:
+                return self._open([seq])
         group: list[Sequence] = []
         while len(self.decoding) + len(group) < self.config.max_running:
             seq, self._held = self._held or self._prepare_next(), None
@@ -348,8 +446,45 @@ class Engine:
                     continue
                 self._held = seq
                 break
+            prefix = self._cached_prefix(seq)
+            if prefix is not None:  # prefilled in a group of its own, from the cached KV
+                if group:
+                    self._held = seq
+                    break
+                return self._open([seq], prefix)
             group.append(seq)
-        return self._start(group) if group else None
+        return self._open(group) if group else None
+
+    def _open(self, group: list[Sequence], prefix: CachedPrefix | None = None) -> Batch | None:
+        """The group's prefill batch; if building it fails, its requests start over one by
+        one (the one that fails alone fails; one restored from the cache, without it)."""
+        try:
+            return self._start(group, prefix)
+        except Exception as exc:
+            if prefix is not None:
+                log.exception("restoring a cached prefix failed; prefilling it afresh")
+                self._retry.extend(group)
+                return None
+            self._retry_alone(group, "prefill", exc)
+            return None
+
+    # --- prefix cache (guidance.prefix_cache) ------------------------------------------------
+    def _cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
+        """The request's longest cached prefix, unless it asks for every prompt token's
+        log-probability (computed by the prefill only)."""
+        if self.prefix_cache is None or seq.prefill_logprobs is not None:
+            return None
+        return self.prefix_cache.lookup(seq.plan, seq.request.prompt_ids)
+
+    def _store_prefixes(self, group: Batch) -> None:
+        """Cache the prompts just prefilled; a failure here costs reuse, never the requests."""
+        if self.prefix_cache is None:
+            return
+        try:
+            self.prefix_cache.store_prompts(group, self._prefill_plans)
+        except Exception:
+            log.exception("storing prompts in the prefix cache failed")
+        self._prefill_plans = {}
 
     def _fits(self, group: list[Sequence], seq: Sequence) -> bool:
         members = [*group, seq]
@@ -368,11 +503,16 @@ class Engine:
         longest = max(len(s.request.prompt_ids) + s.request.max_new_tokens for s in everyone)
         return sum(s.kv_rows for s in everyone) * longest <= kv
 
-    def _start(self, group: list[Sequence]) -> Batch:
+    def _start(self, group: list[Sequence], prefix: CachedPrefix | None = None) -> Batch:
         batch = Batch(self.store)
-        batch.start(group, [list(seq.request.prompt_ids) for seq in group])
-        now = time.monotonic()
+        cached = 0 if prefix is None else prefix.tokens
+        batch.start(group, [list(seq.request.prompt_ids[cached:]) for seq in group], prefix)
+        self._prefill_plans = {id(seq): seq.plan for seq in group}
+        now = self.config.clock()
         for seq in group:
+            seq.cached_tokens = cached
+            if self.prefix_cache is not None:
+                self.observer.prefix_lookup(len(seq.request.prompt_ids), cached)
             seq.last_token_at = now
             self.observer.admitted(now - seq.handle.submitted_at, self.running + 1)
         return batch
@@ -399,7 +539,7 @@ class Engine:
 
     def _prepare(self, handle: RequestHandle) -> Sequence | None:
         request = handle.request
-        if ended := _abandonment(handle, time.monotonic()):
+        if ended := _abandonment(handle, self.config.clock()):
             self._finish_handle(handle, *ended)
             return None
         plan, hit = (request.plan, False) if request.plan is not None else self._plan_for(request)
@@ -409,16 +549,22 @@ class Engine:
             generator = torch.Generator(device=self.store.device).manual_seed(seed)
         detok = IncrementalDetokenizer(self.store.tokenizer)
         seq = Sequence(handle, plan, hit, detok, generator, seed, list(request.prompt_ids))
+        seq.constraint = request.grammar.start() if request.grammar is not None else None
         if request.sampling.repetition_penalty != 1.0:
             vocab = self.store.model.get_output_embeddings().weight.shape[0]
             seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.store.device)
             seq.seen[torch.tensor(seq.ids, dtype=torch.long, device=self.store.device)] = True
         if request.prompt_logprobs:
             seq.prefill_logprobs = []
+        self._change_preference(seq)  # changed while queued: decodes under it from the start
         return seq
 
-    def _plan_for(self, request: GenerationRequest) -> tuple[DecodePlan, bool]:
-        mu = round_preference(request.preference)
+    def _plan_for(
+        self, request: GenerationRequest, mu: torch.Tensor | None = None
+    ) -> tuple[DecodePlan, bool]:
+        """The plan of the request's mode and merge method for its preference (or `mu`, a
+        preference changed while it runs), through the merge cache."""
+        mu = round_preference(request.preference if mu is None else mu)
         key = (request.mode, request.merge_method, tuple(mu.tolist()))
         started = time.perf_counter()
 
@@ -432,7 +578,7 @@ class Engine:
 
     # --- emit and finish --------------------------------------------------------------------
     def _check_abandoned(self, seq: Sequence) -> None:
-        if not seq.finished and (ended := _abandonment(seq.handle, time.monotonic())):
+        if not seq.finished and (ended := _abandonment(seq.handle, self.config.clock())):
             self._finish(seq, *ended)
 
     def _emit(self, seq: Sequence, pick: Pick) -> None:
@@ -452,7 +598,7 @@ class Engine:
             self._finish(seq, "error", ErrorEvent(f"generation failed: {exc}", "generation"))
 
     def _emit_token(self, seq: Sequence, pick: Pick) -> None:
-        now = time.monotonic()
+        now = self.config.clock()
         self.observer.token(now - seq.last_token_at, first=seq.generated == 0)
         seq.last_token_at = now
         token, logprob = pick.token, pick.logprob
@@ -460,6 +606,8 @@ class Engine:
         seq.generated += 1
         if seq.seen is not None:
             seq.seen[token] = True
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         special = token in self.special_ids
         text = (
             self.store.tokenizer.convert_ids_to_tokens(token) if special else seq.detok.push(token)
@@ -488,6 +636,8 @@ class Engine:
     def _finish_reason(self, seq: Sequence, token: int, new_chars: int) -> str | None:
         if token in self.eos_ids and not seq.request.ignore_eos:
             return "eos_token"
+        if seq.constraint is not None and seq.constraint.complete:
+            return "eos_token"  # the grammar takes nothing more: as if EOS came (TGI, vLLM)
         # Only text that includes the new characters can hold a stop sequence not seen before.
         longest = max((len(s) for s in seq.request.stop), default=0)
         tail = seq.detok.text[-(longest + new_chars) :] if new_chars else ""
@@ -523,7 +673,10 @@ class Engine:
         with self._lock:
             self._accepted -= 1
         if event is not None:
-            handle.on_event(event)
+            try:
+                handle.on_event(event)
+            except Exception:  # the caller's callback broke: its request is over anyway
+                log.exception("delivering the last event of %s failed", handle.request.request_id)
         if handle.settle():  # counted once, even if the HTTP layer gave up on it first
-            elapsed = time.monotonic() - handle.submitted_at
+            elapsed = self.config.clock() - handle.submitted_at
             self.observer.finished(outcome, elapsed, generated, self.running)

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
+    from guidance.constrain import Grammar
     from guidance.plan import DecodePlan
 
 
@@ -68,6 +69,9 @@ class GenerationRequest:
     prompt_logprobs: bool = False
     """Report log pi of every prompt token given its prefix (TGI's decoder_input_details):
     the policy's distribution, unguided, as the prefill computes it."""
+    grammar: Grammar | None = None
+    """The compiled JSON schema or regex the output must follow (guidance.constrain;
+    OpenAI's response_format, TGI's grammar); None: free text."""
     plan: DecodePlan | None = None
     """A prebuilt plan (evaluation's MOD, MAGE-I-M' and LMC variants); None builds the plan
     of (mode, preference, merge_method) through the merge cache."""
@@ -121,6 +125,26 @@ class RequestHandle:
     OpenAI request's second and later choices: the HTTP request is counted once)."""
     _settled: bool = False
     _settle_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _new_preference: torch.Tensor | None = field(default=None, repr=False)
+    """A preference sent while the request runs, not yet applied by the engine."""
+
+    def change_preference(self, mu: torch.Tensor) -> None:
+        """Ask the engine to decode from the next token on under mu (normalised, float64);
+        the engine takes it at its next schedule step. A newer change replaces one not yet
+        taken: only the latest preference matters."""
+        with self._settle_lock:
+            self._new_preference = mu
+
+    def take_preference(self) -> torch.Tensor | None:
+        """The preference change waiting for the engine (then none is), or None."""
+        with self._settle_lock:
+            mu, self._new_preference = self._new_preference, None
+        return mu
+
+    @property
+    def ended(self) -> bool:
+        """Finished, failed or cancelled: nothing more will be generated."""
+        return self._settled or self.cancelled.is_set()
 
     def cancel(self) -> None:
         """Stop generating at the next decode step and free the slot."""

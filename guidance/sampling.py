@@ -11,6 +11,7 @@ step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -98,10 +99,17 @@ def choose_tokens(
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
     seen: list[torch.Tensor | None] | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> list[Pick]:
     """One token per row of guided scores (rows, vocab). `seen`: per row, the (vocab,) bool
-    mask of its sequence's tokens, for rows with a repetition penalty."""
+    mask of its sequence's tokens, for rows with a repetition penalty. `allowed`: (rows,
+    vocab) bool, the tokens a row's grammar permits (guidance.constrain), or None: every
+    token; the constrained distribution is renormalised over them, so `logprob` and `top`
+    report it (as vLLM does), and forbidden tokens are never alternatives."""
     scores = penalise_repeats(scores.float(), params, seen or [None] * len(params))
+    finite = torch.isfinite(scores).all(-1)  # of the guided scores, before the grammar's -inf
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, -torch.inf)
     logprobs = torch.log_softmax(scores, dim=-1)
     tokens = logprobs.argmax(-1)  # greedy rows keep this
     sampled = [i for i, p in enumerate(params) if not p.greedy]
@@ -115,7 +123,6 @@ def choose_tokens(
             noise[row].exponential_(generator=generators[i])
         tokens[rows] = (probs / noise).argmax(-1)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    finite = torch.isfinite(scores).all(-1)
     columns = [tokens.double()[:, None], chosen.double()[:, None], finite.double()[:, None]]
     top_n = min(max(p.top_n for p in params), scores.shape[1])
     if top_n:
@@ -127,5 +134,6 @@ def choose_tokens(
 
 def _pick(row: list[float], wanted: int, width: int) -> Pick:
     ids, values = row[3 : 3 + width], row[3 + width :]
-    top = tuple((int(t), float(v)) for t, v in zip(ids[:wanted], values[:wanted], strict=True))
+    pairs = zip(ids[:wanted], values[:wanted], strict=True)
+    top = tuple((int(t), float(v)) for t, v in pairs if v > -math.inf)  # grammar-forbidden
     return Pick(int(row[0]), float(row[1]), bool(row[2]), top)

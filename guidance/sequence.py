@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from guidance.constrain import Constraint
 from guidance.detokenize import IncrementalDetokenizer
 from guidance.plan import DecodePlan
 from guidance.requests import GenerationRequest, RequestHandle, SamplingParams
@@ -37,6 +38,17 @@ class Sequence:
     """(vocab,) bool on the device: tokens in `ids`, for a repetition penalty; else None."""
     prefill_logprobs: list[torch.Tensor] | None = None
     """Prompt-token log-probabilities, chunk by chunk (guidance.batch), when asked; else None."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache (guidance.prefix_cache)."""
+    constraint: Constraint | None = None
+    """Where the sequence stands in its request's grammar (structured output); else None."""
+    plans: list[tuple[int, DecodePlan]] = field(default_factory=list)
+    """Every plan this request decoded under, each with the index of the first generated
+    token it chose: one entry, unless its preference changed while it ran
+    (guidance.steering). Set from `plan` on creation."""
+
+    def __post_init__(self) -> None:
+        self.plans = [(0, self.plan)]
 
     @property
     def request(self) -> GenerationRequest:
@@ -64,11 +76,15 @@ class Sequence:
             "prompt_tokens": len(self.request.prompt_ids),
             "generated_tokens": self.generated,
             "seed": self.seed,
-            # + 0.0 turns -0.0 (a zero weight times a negative) into 0.0 for the client
-            "preference": [round(float(v), 6) + 0.0 for v in plan.preference],
-            "lambda": [round(float(v), 6) + 0.0 for v in plan.lambdas],
+            "preference": _listed(plan.preference),
+            "lambda": _listed(plan.lambdas),
+            "preferences": [
+                {"from_token": k, "preference": _listed(p.preference), "lambda": _listed(p.lambdas)}
+                for k, p in self.plans
+            ],
             "guidance": {"mode": plan.mode, "gamma": self.request.gamma},
             "merge_cache_hit": self.cache_hit,
+            "cached_tokens": self.cached_tokens,
         }
         if self.prefill_logprobs is not None:
             details["prefill"] = self.prefill(token_text)
@@ -83,3 +99,8 @@ class Sequence:
             {"id": token, "text": token_text(token)[0], "logprob": logprob}
             for token, logprob in zip(self.request.prompt_ids, logprobs, strict=True)
         ]
+
+
+def _listed(values: torch.Tensor) -> list[float]:
+    # + 0.0 turns -0.0 (a zero weight times a negative) into 0.0 for the client
+    return [round(float(v), 6) + 0.0 for v in values]

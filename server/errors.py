@@ -36,14 +36,12 @@ OPENAI_TYPES = {401: "authentication_error", 429: "rate_limit_error"}
 UNSUPPORTED = {
     "best_of": "1",
     "watermark": "false",
-    "grammar": "null",
     "frequency_penalty": "0",
     "presence_penalty": "0",
-    "logit_bias": "null or {}",
+    "logit_bias": "null, {} or biases of 0",
     "suffix": "null",
     "tools": "null or []",
     "tool_choice": 'null, "none" or "auto"',
-    "response_format": '{"type": "text"}',
     "tool_calls": "null or []",
 }
 """Fields accepted for compatibility at their neutral value only: what is accepted."""

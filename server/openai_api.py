@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from guidance.constrain import ANY_OBJECT, GrammarSpec
 from guidance.requests import ErrorEvent, Event, GenerationRequest
 from model_store.loader import LoadedStore
 from server.errors import dumps, finite_json, openai_error
@@ -32,6 +33,7 @@ from server.openai_schemas import (
 )
 from server.openapi import api_responses
 from server.relay import Gateway, Submitted, error_status
+from server.request_ids import request_id
 from server.schemas import SAMPLING_FILTERS, SEED_LIMIT, TEMPERATURE_MIN, ApiError
 from server.tgi import STREAM_HEADERS, EventStreamResponse
 from server.translate import Options, Prompt, header_steering, merged_steering, sampling_of
@@ -52,7 +54,19 @@ def read_options(body: Any, headers: Any, chat: bool, store: LoadedStore) -> Opt
         max_new_tokens=max_tokens,
         stop=stop,
         top_n=_top_n(body, chat),
+        grammar=_grammar(body.response_format),
     )
+
+
+def _grammar(response_format: Any) -> GrammarSpec | None:
+    """OpenAI's response_format as a grammar: json_object is any JSON object (as vLLM
+    reads it), json_schema its schema; text (or none) is free text."""
+    kind = response_format.type if response_format is not None else "text"
+    if kind == "json_object":
+        return GrammarSpec("json", ANY_OBJECT, "response_format")
+    if kind == "json_schema":
+        return GrammarSpec("json", response_format.json_schema.schema_, "response_format")
+    return None
 
 
 def _top_n(body: Any, chat: bool) -> int:
@@ -95,7 +109,9 @@ def register(app: FastAPI, gateway: Gateway) -> None:
         store, _ = gateway.ready()
         return store.checked.manifest.name
 
-    async def start(prompts: list[Prompt], options: Options, n: int) -> list[Submitted]:
+    async def start(
+        prompts: list[Prompt], options: Options, n: int, http: Request
+    ) -> list[Submitted]:
         requests = []
         for prompt in prompts:
             try:
@@ -103,14 +119,15 @@ def register(app: FastAPI, gateway: Gateway) -> None:
             except ApiError as exc:
                 raise _renamed(exc, "messages" if prompt.messages else "prompt") from None
             requests += fan_out(request, n)
-        return gateway.submit(requests)
+        return gateway.submit(requests, http)
 
     async def answer(body: Any, http: Request, kind: str, prompts: list[Prompt]) -> Response:
         chat = kind == "chat"
         store, _ = gateway.ready()
         options = read_options(body, http.headers, chat, store)
         n = body.n or 1
-        submitted = await start(prompts, options, n)
+        answer_id = request_id(http, "chatcmpl-" if chat else "cmpl-")  # = X-Request-Id
+        submitted = await start(prompts, options, n, http)
         echo = not chat and bool(body.echo)
         choices = [
             Choice(
@@ -125,7 +142,7 @@ def register(app: FastAPI, gateway: Gateway) -> None:
             )
             for i, one in enumerate(submitted)
         ]
-        reply = Reply(kind, store.checked.manifest.name, body, choices)
+        reply = Reply(kind, store.checked.manifest.name, body, choices, answer_id)
         if body.stream:
             return EventStreamResponse(_stream(gateway, reply, submitted), headers=STREAM_HEADERS)
         try:

@@ -2,7 +2,7 @@
 /v1/models), validated as strictly as the TGI ones and with the same field types.
 
 Fields follow OpenAI's API reference. Those the server cannot honour are typed so that only
-their neutral value validates (penalties 0, no logit_bias, no tools, text responses), which
+their neutral value validates (penalties 0, logit_bias 0, no tools, text responses), which
 /openapi.json says; server.errors names such a field as unsupported. The preference and
 guidance ride as extra fields (`preference`, `guidance`, `merge_method`, from
 server.schemas.Steering), the way vLLM takes its own sampling extras: with the `openai`
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from server.schemas import (
     _STRICT,
     TEMPERATURE_MAX,
+    JsonSchema,
     OnlyOne,
     SamplingOptions,
     Steering,
@@ -36,6 +38,10 @@ one engine request, and all of them decode in the same batched forward (up to N_
 completion; past the queue's room the request gets 429 as a whole)."""
 NAME_MAX = 256
 """Longest `model` or `user` string."""
+LOGIT_BIAS_MAX = 300
+"""Most `logit_bias` entries (OpenAI's own limit); every bias must be 0."""
+TOKEN_KEY_MAX = 20
+"""Longest `logit_bias` key (a token id as a string)."""
 CHAT_ROLES = ("system", "user", "assistant", "developer")
 """Roles accepted in OpenAI `messages` (developer is read as system)."""
 
@@ -56,10 +62,42 @@ class TextPart(BaseModel):
     """The text."""
 
 
-class ResponseFormat(BaseModel):
+class TextFormat(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    """Only plain text (no JSON mode or schema)."""
+    """Free text (the default)."""
+
+
+class JsonObjectFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_object"]
+    """JSON mode: the output is one JSON object."""
+
+
+class JsonSchemaSpec(BaseModel):
+    model_config = _STRICT
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
+    """The format's name (OpenAI's rule: letters, digits, _ and -, at most 64)."""
+    description: Annotated[str, Field(max_length=NAME_MAX * 16)] | None = None
+    """Accepted and ignored (it steers OpenAI's models, not the grammar)."""
+    schema_: JsonSchema = Field(alias="schema")
+    """The JSON schema the output must be valid against."""
+    strict: bool | None = None
+    """Accepted; the schema is enforced either way (every token is masked to it)."""
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    """Structured output: JSON valid against `json_schema.schema`."""
+    json_schema: JsonSchemaSpec
+    """The schema and its name."""
+
+
+ResponseFormat = Annotated[
+    TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")
+]
+"""OpenAI's `response_format`: text, json_object or json_schema."""
 
 
 def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
@@ -104,10 +142,19 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         """Accepted at 0 only."""
         frequency_penalty: ZeroPenalty | None = None
         """Accepted at 0 only."""
-        logit_bias: Annotated[dict[str, float], Field(max_length=0)] | None = None
-        """Accepted empty or null only."""
+        logit_bias: (
+            Annotated[
+                dict[Annotated[str, Field(max_length=TOKEN_KEY_MAX)], ZeroPenalty],
+                Field(max_length=LOGIT_BIAS_MAX),
+            ]
+            | None
+        ) = None
+        """Accepted when every bias is 0 (which changes nothing), empty or null."""
         user: Annotated[str, Field(max_length=NAME_MAX)] | None = None
         """Accepted and ignored."""
+        response_format: ResponseFormat | None = None
+        """Structured output: {"type": "json_object"}, or {"type": "json_schema",
+        "json_schema": {"name", "schema", "strict"}}; {"type": "text"} is free text."""
 
     class ChatCompletionBody(Common):
         model_config = ConfigDict(
@@ -128,9 +175,8 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         logprobs: bool | None = None
         """Return each generated token's log-probability (guided distribution)."""
         top_logprobs: TopN | None = None
-        """With logprobs: the n most likely tokens at each step."""
-        response_format: ResponseFormat | None = None
-        """Only {"type": "text"}."""
+        """With logprobs: the n most likely tokens at each step (without `logprobs: true`
+        a 422, where OpenAI and vLLM refuse it too)."""
         tools: Annotated[list[Any], Field(max_length=0)] | None = None
         """Accepted empty or null only (no tool calling)."""
         tool_choice: Literal["none", "auto"] | None = None
@@ -139,6 +185,14 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
         """TGI's extra, sent by InferenceClient; ignored (no tools)."""
         parallel_tool_calls: bool | None = None
         """Accepted and ignored (no tools)."""
+
+        @field_validator("top_logprobs")
+        @classmethod
+        def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+            if value is not None and not info.data.get("logprobs"):
+                message = "`top_logprobs` needs `logprobs`: true"
+                raise PydanticCustomError("body_shape", message)
+            return value
 
     class CompletionBody(Common):
         model_config = ConfigDict(
@@ -183,6 +237,10 @@ class MageExtension(_Open):
     """bone-soup, rewarded-soup or direct."""
     merge_cache_hit: bool
     """Whether the plan for this preference came from the merge cache."""
+    preferences: list[dict[str, Any]]
+    """Each preference the answer was decoded under, {from_token, preference, lambda}: one,
+    unless POST /v1/requests/{id}/preference changed it while it ran (`preference` and
+    `lambda` above are the last one's)."""
 
 
 class Usage(_Open):

@@ -10,9 +10,9 @@ builds them per app. The field types and the steering fields (preference, guidan
 method) are shared with the OpenAI-compatible bodies (server.openai_schemas).
 
 Every parameter TGI documents is accepted. Those the server cannot honour are typed so that
-only their neutral value validates (`best_of` 1, `watermark` false, `grammar` null,
-`frequency_penalty` 0): the schema says exactly what is accepted, and server.errors names
-the field as unsupported when another value comes.
+only their neutral value validates (`best_of` 1, `watermark` false, `frequency_penalty` 0):
+the schema says exactly what is accepted, and server.errors names the field as unsupported
+when another value comes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from guidance.constrain import GRAMMAR_MAX_CHARS
 from merging.registry import MERGE_METHODS
 from model_store.manifest import GuidanceMode
 from server.settings import ServerSettings
@@ -152,6 +153,32 @@ class GuidanceParameters(BaseModel):
     gamma: Annotated[float, Field(ge=0, le=GAMMA_MAX, allow_inf_nan=False)] | None = None
     """Guidance scale gamma of Eq. (25); omitted: the store's tuned gamma for the mode
     (defaults.gamma_by_mode), else its default gamma."""
+
+
+JsonSchema = dict[str, Any]
+"""A JSON schema (structured output); guidance.constrain compiles it, and refuses what it
+cannot enforce with a 422 naming the problem."""
+RegexText = Annotated[Text, Field(min_length=1, max_length=GRAMMAR_MAX_CHARS)]
+
+
+class JsonGrammar(BaseModel):
+    model_config = _STRICT
+    type: Literal["json"]
+    """The output is JSON valid against `value`."""
+    value: JsonSchema | Annotated[Text, Field(max_length=GRAMMAR_MAX_CHARS)]
+    """The JSON schema, as an object or as JSON text."""
+
+
+class RegexGrammar(BaseModel):
+    model_config = _STRICT
+    type: Literal["regex"]
+    """The whole output matches `value`."""
+    value: RegexText
+    """A regular expression (Rust `regex` syntax; no lookaround or backreferences)."""
+
+
+GrammarParameter = Annotated[JsonGrammar | RegexGrammar, Field(discriminator="type")]
+"""TGI's `grammar`: {"type": "json" | "regex", "value": ...}."""
 
 
 class Steering(BaseModel):
@@ -293,8 +320,9 @@ def request_body_type(settings: ServerSettings) -> Any:
         """Accepted for TGI compatibility at 1 only."""
         watermark: Literal[False] = False
         """Accepted for TGI compatibility at false only."""
-        grammar: None = None
-        """Accepted for TGI compatibility as null only (no constrained decoding)."""
+        grammar: GrammarParameter | None = None
+        """Structured output: {"type": "json", "value": schema} or {"type": "regex",
+        "value": pattern}; the output is constrained to it token by token."""
         frequency_penalty: ZeroPenalty | None = None
         """Accepted for TGI compatibility at 0 only."""
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from guidance.constrain import GrammarSpec
 from guidance.requests import ErrorEvent, GenerationRequest, TokenEvent
 from model_store.loader import LoadedStore
 from server.errors import clean_message, dumps, error_response, finite_json
@@ -62,6 +63,7 @@ def read_body(body: Any, headers: Mapping[str, str], store: LoadedStore) -> tupl
         top_n=p.top_n_tokens or 0,
         prompt_logprobs=p.decoder_input_details,
         truncate=p.truncate,
+        grammar=GrammarSpec(p.grammar.type, p.grammar.value) if p.grammar else None,
     )
     return prompt, options
 
@@ -120,7 +122,7 @@ def register(app: FastAPI, gateway: Gateway, body_type: Any) -> None:
     async def start(body: Any, http: Request) -> tuple[Submitted, Answer]:
         prompt, options = read_body(body, http.headers, gateway.ready()[0])
         request = await gateway.prepare(prompt, options)
-        (one,) = gateway.submit([request])
+        (one,) = gateway.submit([request], http)
         prefix = ""
         if body.parameters.return_full_text:
             store, _ = gateway.ready()

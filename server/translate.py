@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from guidance.constrain import Grammar, GrammarError, GrammarSpec, grammar_cache
 from guidance.requests import GenerationRequest, SamplingParams
 from merging.coefficients import PreferenceError, normalise_preference
 from model_store.loader import LoadedStore
@@ -67,6 +68,8 @@ class Options:
     """Report the prompt tokens' log-probabilities."""
     truncate: int | None = None
     """Keep only the last `truncate` prompt tokens."""
+    grammar: GrammarSpec | None = None
+    """Structured output (TGI's grammar, OpenAI's response_format); None: free text."""
 
 
 def sampling_of(body: Any, **changes: Any) -> SamplingOptions:
@@ -247,7 +250,7 @@ def build_request(
     """The engine's request for schema-valid options; ApiError (422) for what needs the store."""
     steering, defaults = options.steering, store.checked.manifest.defaults
     given = steering.preference if steering.preference is not None else defaults.preference
-    mu = _preference(given, store.objectives)
+    mu = preference_of(given, store.objectives)
     guidance = steering.guidance
     mode = (guidance.mode if guidance and guidance.mode else None) or defaults.guidance_mode
     if mode not in available_modes(store):
@@ -264,6 +267,7 @@ def build_request(
     merge_method = steering.merge_method or "bone-soup"
     if merge_method == "ric":
         prompt = ric_prompt(prompt, mu, store)
+    grammar = compile_grammar(options.grammar, store)
     ids = tokenize_prompt(prompt, store, settings, options.truncate)
     max_new = options.max_new_tokens or min(defaults.max_new_tokens, settings.max_new_tokens)
     context = getattr(store.model.config, "max_position_embeddings", None)
@@ -288,7 +292,24 @@ def build_request(
         deadline=time.monotonic() + settings.request_timeout_s,
         merge_method=merge_method,
         prompt_logprobs=options.prompt_logprobs,
+        grammar=grammar,
     )
+
+
+def compile_grammar(spec: GrammarSpec | None, store: LoadedStore) -> Grammar | None:
+    """The request's grammar compiled for the store's tokenizer (cached by its text), or a
+    422 naming the problem: an invalid or unsupported schema or regex never reaches the
+    engine."""
+    if spec is None:
+        return None
+    vocab = store.model.get_output_embeddings().weight.shape[0]  # the mask's width
+    cache = grammar_cache(store.tokenizer, vocab, tuple(sorted(store.eos_ids)))
+    try:
+        return cache.compile(spec)
+    except GrammarError as exc:
+        what = "regex" if spec.kind == "regex" else "JSON schema"
+        message = f"`{spec.field}` is not a usable {what}: {exc}"
+        raise ApiError(422, message, "validation", None, spec.field) from None
 
 
 def ric_prompt(prompt: Prompt, mu: torch.Tensor, store: LoadedStore) -> Prompt:
@@ -321,9 +342,11 @@ def _ric_range(spec: Any) -> tuple[list[float], list[float]]:
     return list(spec.reward_low), list(spec.reward_high)
 
 
-def _preference(
+def preference_of(
     given: Sequence[float] | Mapping[str, float] | None, objectives: list[str]
 ) -> torch.Tensor:
+    """mu on the simplex from a schema-valid `preference` (None: equal weights), or a 422
+    naming the problem: the one check of every route that takes a preference."""
     try:
         return normalise_preference(
             given if given is not None else [1.0] * len(objectives), objectives
