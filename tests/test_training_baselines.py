@@ -194,6 +194,7 @@ def test_modpo_through_trl_equals_the_modpo_loss(trained, tmp_path):
     """TRL's DPO loss at beta / w_k over margin-shifted precomputed references is MODPO's: at
     the start (policy = reference) the loss is -log sigmoid(-(m_w - m_l) / w_k) per pair, and
     the references are the base's log-probabilities plus margin / beta."""
+    from training.baselines import FineTuneRun
     from training.modpo import ModpoConfig, _trainer, modpo_loss
     from training.runs import RunLog
 
@@ -203,7 +204,8 @@ def test_modpo_through_trl_equals_the_modpo_loss(trained, tmp_path):
         {"prompt_ids": [10], "chosen_ids": [11, 0], "rejected_ids": [12, 13, 0],
          "chosen_margin": -1.2, "rejected_margin": 0.4},
     ]  # fmt: skip
-    config = ModpoConfig(store=trained, beta=0.5, pairs_per_step=2, progress=False, device="cpu")
+    run = FineTuneRun(store=trained, batch_size=2, progress=False, device="cpu")
+    config = ModpoConfig(run=run, beta=0.5)
     w_k = 0.4
     trainer = _trainer(config, trained / "base", rows, w_k, tmp_path, RunLog(tmp_path))
     data = trainer.train_dataset

@@ -5,11 +5,14 @@ their adapters in the store's manifest (`baselines`), so `mage eval` and the ser
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from objectives.scale import RewardScale
-from training.common import TrainingError
+from training.common import TrainingError, load_base, pick_device, prompt_texts, seed_everything
+from training.runs import LoraSettings, lora_config, trainer_args
+from training.sampling import SamplingSettings
+from training.scored import scored_samples
 
 
 @dataclass(frozen=True)
@@ -94,3 +97,85 @@ def record_baseline(store: Path, method: str, entry: object) -> None:
         kept = [e for e in baselines.get(method, []) if e["preference"] != entry["preference"]]  # type: ignore[index]
         baselines[method] = sorted([*kept, entry], key=lambda e: [-w for w in e["preference"]])
     write_manifest(store, manifest)
+
+
+@dataclass(frozen=True)
+class FineTuneRun:
+    """What a MODPO and a RiC run share: one LoRA over the store's base, fine-tuned on base
+    samples of the training prompts scored on the store's r~ (TRL's DPO or SFT trainer)."""
+
+    store: Path
+    """Store whose base, objectives and reward scale define the task; adapters go under
+    ``store/baselines`` and are listed in its manifest."""
+    work: Path | None = None
+    """Samples, checkpoints and logs (default ``<store>-work``), outside the store."""
+    rewards: tuple[str, ...] | None = None
+    """Reward spec per objective; None: the store's objective names."""
+    steps: int = 100
+    """Optimizer steps per adapter (per round for RiC)."""
+    batch_size: int = 4
+    """Preference pairs (MODPO) or responses (RiC) per optimizer step."""
+    lr: float = 1e-4
+    """Learning rate (constant)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """The adapter's LoRA (give the backbones' rank and targets)."""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    """How responses are drawn (per prompt: 1 greedy + the rest sampled)."""
+    split: str = "train"
+    """Prompt split (or JSONL file)."""
+    max_prompts: int | None = None
+    """First N prompts only."""
+    save_steps: int = 25
+    """Checkpoint every N steps (a re-run resumes)."""
+    seed: int = 0
+    """Seed of sampling and training."""
+    device: str = "auto"
+    """auto (CUDA if present), cpu or cuda."""
+    progress: bool = True
+    """Progress bars."""
+
+    def task(self) -> StoreTask:
+        if self.steps < 1 or self.batch_size < 1:
+            raise TrainingError("--steps and --batch-size must be >= 1")
+        return store_task(self.store, list(self.rewards) if self.rewards else None)
+
+    def work_dir(self, task: StoreTask, method: str) -> Path:
+        work = Path(self.work) if self.work else task.store.with_name(task.store.name + "-work")
+        return work / method
+
+    def prompts(self) -> list[str]:
+        prompts = prompt_texts(self.split, self.max_prompts)
+        if not prompts:
+            raise TrainingError(f"prompt split {self.split!r} is empty")
+        return prompts
+
+    def base_samples(self, task: StoreTask, cache: Path):
+        """(base tokenizer, samples, r~ per sample and objective), from `cache` if there."""
+        model, tokenizer = load_base(task.base, pick_device(self.device))
+        samples, scores = scored_samples(
+            model, tokenizer, self.prompts(), list(task.rewards), task.scale, self.sampling,
+            self.seed, cache, self.progress,
+        )  # fmt: skip
+        return tokenizer, samples, scores
+
+    def trainer_args(self, out: Path) -> dict:
+        """TrainingArguments fields of one run into ``out/checkpoints``; seeds everything."""
+        seed_everything(self.seed)
+        cpu = pick_device(self.device).type == "cpu"
+        args = trainer_args(
+            out / "checkpoints", self.steps, self.lr, self.seed, cpu, self.progress, self.save_steps
+        )
+        return args | {"per_device_train_batch_size": self.batch_size, "max_length": None}
+
+    def peft_config(self):
+        return lora_config(self.lora.rank, self.lora.lora_alpha, self.lora.targets)
+
+    def settings(self, task: StoreTask) -> dict:
+        """What a resumed run must share with the run it resumes (guard_run_settings)."""
+        lora = self.lora
+        return {
+            "base": str(task.base),
+            "rewards": list(task.rewards),
+            "lora": [lora.rank, lora.lora_alpha, list(lora.targets)],
+            "seed": self.seed,
+        }

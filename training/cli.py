@@ -1,4 +1,5 @@
-"""`mage train ...`: backbone (Eq. 11-12) and explicit value model (Eq. 16) training commands.
+"""`mage train ...`: backbone (Eq. 11-12) and explicit value model (Eq. 16, or an autoregressive
+reward model) training commands.
 
 Wire into a parser with ``add_train_commands(subparsers)``; every command sets ``func`` to a
 handler ``(args) -> int`` that returns an exit code and prints problems (naming the file or
@@ -158,9 +159,27 @@ def _value_config(args: argparse.Namespace):
     return config
 
 
+def _arm_value(args: argparse.Namespace) -> int:
+    from training.value_arm import ArmTrainConfig, train_arm_value
+
+    result = train_arm_value(ArmTrainConfig.from_value_config(_value_config(args), args.beta))
+    m = result.metrics
+    print(
+        f"autoregressive reward model for {args.objective!r} (beta {m['beta']}): pairwise loss "
+        f"{m['initial_train_pair_loss']:.4f} -> {m['final_train_pair_loss']:.4f} on "
+        f"{m['train_pairs']} pairs"
+    )
+    if m["validation"]:
+        print("validation: " + strict_json(m["validation"]))
+    print(f"adapter: {result.adapter_dir} (store: kind 'arm', beta {m['beta']}, no head)")
+    return 0
+
+
 def _value(args: argparse.Namespace) -> int:
     from training.value import train_value_model
 
+    if args.kind == "arm":
+        return _arm_value(args)
     result = train_value_model(_value_config(args))
     m = result.metrics
     print(
@@ -170,6 +189,14 @@ def _value(args: argparse.Namespace) -> int:
     if m["validation"]:
         print("validation: " + strict_json(m["validation"]))
     print(f"adapter: {result.adapter_dir}\nhead: {result.head_path}")
+    return 0
+
+
+def _value_compare(args: argparse.Namespace) -> int:
+    from training.value_compare import compare_ranking
+
+    for row in compare_ranking(args.base, args.samples, args.run, args.batch_size, args.device):
+        print(strict_json(row))
     return 0
 
 
@@ -216,25 +243,28 @@ def _morlhf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sft_settings(args: argparse.Namespace) -> dict:
+def _fine_tune_run(args: argparse.Namespace):
+    """The FineTuneRun (MODPO, RiC) of the command's options."""
+    from training.baselines import FineTuneRun
     from training.runs import LoraSettings
     from training.sampling import SamplingSettings
 
-    return {
-        "store": args.store,
-        "work": args.work,
-        "rewards": tuple(parse_names(args.rewards)) or None,
-        "steps": args.steps,
-        "lr": args.lr,
-        "lora": LoraSettings(args.rank, args.lora_alpha, _targets_of(args.targets, args.store)),
-        "sampling": SamplingSettings(args.samples_per_prompt, args.max_new_tokens),
-        "split": args.split,
-        "max_prompts": args.max_prompts,
-        "save_steps": args.save_steps,
-        "seed": args.seed,
-        "device": args.device,
-        "progress": not args.no_progress,
-    }
+    return FineTuneRun(
+        store=args.store,
+        work=args.work,
+        rewards=tuple(parse_names(args.rewards)) or None,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lora=LoraSettings(args.rank, args.lora_alpha, _targets_of(args.targets, args.store)),
+        sampling=SamplingSettings(args.samples_per_prompt, args.max_new_tokens),
+        split=args.split,
+        max_prompts=args.max_prompts,
+        save_steps=args.save_steps,
+        seed=args.seed,
+        device=args.device,
+        progress=not args.no_progress,
+    )
 
 
 def _targets_of(targets: str, store: Path) -> tuple[str, ...]:
@@ -248,10 +278,9 @@ def _modpo(args: argparse.Namespace) -> int:
     from training.modpo import ModpoConfig, train
 
     config = ModpoConfig(
+        run=_fine_tune_run(args),
         preferences=parse_preferences(args.preferences, _store_objectives(args)),
         beta=args.beta,
-        pairs_per_step=args.batch_size,
-        **_sft_settings(args),
     )
     for w, path in train(config):
         print(f"modpo {list(w)}: {path}")
@@ -262,10 +291,7 @@ def _ric(args: argparse.Namespace) -> int:
     from training.ric import RicConfig, train
 
     config = RicConfig(
-        online_rounds=args.online_rounds,
-        quantile=args.quantile,
-        batch_size=args.batch_size,
-        **_sft_settings(args),
+        run=_fine_tune_run(args), online_rounds=args.online_rounds, quantile=args.quantile
     )
     print(f"ric: {train(config)}")
     return 0
@@ -387,7 +413,30 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
 
     value = sub.add_parser("value", help="explicit value model for one objective (Eq. 16)")
     _value_options(value)
+    value.add_argument(
+        "--kind",
+        choices=("tied", "arm"),
+        default="tied",
+        help="tied: LoRA + tied value head regressed on the reward (Eq. 16); arm: an "
+        "autoregressive reward model (GenARM), r = beta sum_t log pi_r, trained on ranked pairs",
+    )
+    value.add_argument(
+        "--beta", type=float, default=0.1, help="arm only: beta of r = beta sum_t log pi_r"
+    )
     value.set_defaults(func=lambda a: _run("value", _value, a))
+    compare = sub.add_parser(
+        "value-compare", help="ranking accuracy of value-model runs of any kind on the same pairs"
+    )
+    compare.add_argument("--base", type=Path, required=True, help="the runs' base model folder")
+    compare.add_argument(
+        "--samples", type=Path, required=True, help="scored samples, e.g. a run's samples-val.jsonl"
+    )
+    compare.add_argument(
+        "--run", type=Path, action="append", required=True, help="a value run folder (repeat)"
+    )
+    compare.add_argument("--batch-size", type=int, default=4)
+    compare.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda")
+    compare.set_defaults(func=lambda a: _run("value-compare", _value_compare, a))
     curve = sub.add_parser(
         "value-curve", help="validation ranking accuracy against the number of training samples"
     )

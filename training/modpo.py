@@ -28,69 +28,34 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from training.baselines import (
+    FineTuneRun,
     check_preferences,
     preference_grid,
     preference_label,
     record_baseline,
-    store_task,
 )
-from training.common import (
-    TrainingError,
-    guard_run_settings,
-    load_base,
-    pick_device,
-    prompt_texts,
-    seed_everything,
-)
-from training.runs import LoraSettings, lora_config, train_to_adapter, trainer_args
-from training.sampling import Sample, SamplingSettings
-from training.scored import scored_samples
+from training.common import TrainingError, guard_run_settings, load_base
+from training.runs import train_to_adapter
+from training.sampling import Sample
 
 
 @dataclass(frozen=True)
 class ModpoConfig:
     """One MODPO run: an adapter per weight w of a grid, into a store."""
 
-    store: Path
-    """Store whose base (= pi_ref), objectives and reward scale define the task; adapters go
-    to ``store/baselines/modpo`` and are listed in its manifest."""
+    run: FineTuneRun
+    """Store, steps, pairs per step (`batch_size`), LoRA, sampling of the pairs, seed."""
     preferences: tuple[tuple[float, ...], ...] = ()
     """The weights w to train for; empty: `mage eval`'s sweep (both ends included)."""
-    work: Path | None = None
-    """Samples, checkpoints and logs (default ``<store>-work/modpo``), outside the store."""
-    rewards: tuple[str, ...] | None = None
-    """Reward spec per objective; None: the store's objective names."""
     beta: float = 0.1
     """MODPO's beta: the KL strength to pi_ref (TRL's DPO beta is beta / w_k)."""
-    steps: int = 100
-    """Optimizer steps per adapter."""
-    pairs_per_step: int = 4
-    """Preference pairs per optimizer step."""
-    lr: float = 1e-4
-    """Learning rate (constant)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """The adapter's LoRA (the backbones' rank and targets)."""
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    """How base responses are drawn to form the pairs."""
-    split: str = "train"
-    """Prompt split (or JSONL file) the pairs come from."""
-    max_prompts: int | None = None
-    """First N prompts only."""
-    save_steps: int = 25
-    """Checkpoint every N steps (a re-run resumes)."""
-    seed: int = 0
-    """Seed of sampling and training."""
-    device: str = "auto"
-    """auto (CUDA if present), cpu or cuda."""
-    progress: bool = True
-    """Progress bars."""
 
 
 def pair_objective(w: tuple[float, ...]) -> int:
@@ -170,25 +135,9 @@ def _trainer(config: ModpoConfig, base: Path, rows: list[dict], w_k: float, out:
     from datasets import Dataset
     from trl import DPOConfig
 
-    device = pick_device(config.device)
-    seed_everything(config.seed)
+    args = config.run.trainer_args(out)
     model, tokenizer = load_base(base)
-    args = trainer_args(
-        out / "checkpoints",
-        config.steps,
-        config.lr,
-        config.seed,
-        device.type == "cpu",
-        config.progress,
-        config.save_steps,
-    )
-    args.update(
-        per_device_train_batch_size=config.pairs_per_step,
-        beta=config.beta / w_k,
-        loss_type=["sigmoid"],
-        precompute_ref_log_probs=True,
-        max_length=None,
-    )
+    args.update(beta=config.beta / w_k, loss_type=["sigmoid"], precompute_ref_log_probs=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -198,38 +147,23 @@ def _trainer(config: ModpoConfig, base: Path, rows: list[dict], w_k: float, out:
             args=dpo_args,
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
-            peft_config=lora_config(config.lora.rank, config.lora.lora_alpha, config.lora.targets),
+            peft_config=config.run.peft_config(),
             callbacks=[log.callback()],
         )
     except (ValueError, TypeError) as exc:
         raise TrainingError(f"cannot set up MODPO training: {exc}") from None
 
 
-def _task(config: ModpoConfig):
-    return store_task(config.store, list(config.rewards) if config.rewards else None)
-
-
 def train(config: ModpoConfig) -> list[tuple[tuple[float, ...], Path]]:
     """Sample and score once, then train (or resume) one MODPO adapter per w; returns (w,
     adapter folder) per weight, each recorded in the manifest as it finishes."""
-    if config.steps < 1 or config.pairs_per_step < 1:
-        raise TrainingError("--steps and --pairs-per-step must be >= 1")
     if not (math.isfinite(config.beta) and config.beta > 0):
         raise TrainingError(f"--beta must be > 0, got {config.beta}")
-    task = _task(config)
+    task = config.run.task()
     n = len(task.rewards)
     grid = check_preferences(config.preferences or preference_grid(n), n)
-    work = Path(config.work) if config.work else task.store.with_name(task.store.name + "-work")
-    work = work / "modpo"
-    model, tokenizer = load_base(task.base, pick_device(config.device))
-    prompts = prompt_texts(config.split, config.max_prompts)
-    if not prompts:
-        raise TrainingError(f"prompt split {config.split!r} is empty")
-    samples, scores = scored_samples(
-        model, tokenizer, prompts, list(task.rewards), task.scale, config.sampling,
-        config.seed, work / "samples.jsonl", config.progress,
-    )  # fmt: skip
-    del model
+    work = config.run.work_dir(task, "modpo")
+    _, samples, scores = config.run.base_samples(task, work / "samples.jsonl")
     trained = []
     for w in grid:
         label, k = preference_label(w), pair_objective(w)
@@ -237,29 +171,19 @@ def train(config: ModpoConfig) -> list[tuple[tuple[float, ...], Path]]:
         if not rows:
             raise TrainingError(f"no preference pairs for objective {k + 1}: responses tie")
         out = work / label
-        guard_run_settings(out, _run_settings(config, task, w))
+        guard_run_settings(
+            out, config.run.settings(task) | {"weights": list(w), "beta": config.beta}
+        )
         relative = f"baselines/modpo/{label}"
         train_to_adapter(
             lambda log, rows=rows, w_k=w[k], out=out: _trainer(
                 config, task.base, rows, w_k, out, log
             ),
             out,
-            config.steps,
+            config.run.steps,
             task.store / relative,
-            config.progress,
+            config.run.progress,
         )
         record_baseline(task.store, "modpo", {"preference": list(w), "path": relative})
         trained.append((w, task.store / relative))
     return trained
-
-
-def _run_settings(config: ModpoConfig, task, w) -> dict:
-    lora = config.lora
-    return {
-        "base": str(task.base),
-        "rewards": list(task.rewards),
-        "weights": list(w),
-        "beta": config.beta,
-        "lora": [lora.rank, lora.lora_alpha, list(lora.targets)],
-        "seed": config.seed,
-    }

@@ -27,65 +27,35 @@ from __future__ import annotations
 import dataclasses
 import random
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from objectives.ric import ric_prompt
-from training.baselines import record_baseline, store_task
+from training.baselines import FineTuneRun, record_baseline
 from training.common import (
     TrainingError,
     encode_prompt,
     guard_run_settings,
     load_base,
     pick_device,
-    prompt_texts,
-    seed_everything,
 )
-from training.runs import LoraSettings, copy_adapter, lora_config, train_to_adapter, trainer_args
-from training.sampling import Sample, SamplingSettings, generate_samples
-from training.scored import load_scored, save_scored, score_all, scored_samples
+from training.runs import copy_adapter, train_to_adapter
+from training.sampling import Sample, generate_samples
+from training.scored import load_scored, save_scored, score_all
 
 
 @dataclass(frozen=True)
 class RicConfig:
-    """One RiC run into a store."""
+    """One RiC run into a store (the adapter goes to ``store/baselines/ric``)."""
 
-    store: Path
-    """Store whose base, objectives and reward scale define the task; the adapter goes to
-    ``store/baselines/ric`` and its reward range into the manifest."""
-    work: Path | None = None
-    """Samples, checkpoints and logs (default ``<store>-work/ric``), outside the store."""
-    rewards: tuple[str, ...] | None = None
-    """Reward spec per objective; None: the store's objective names."""
-    steps: int = 100
-    """SFT optimizer steps per round (offline round, then each online round)."""
+    run: FineTuneRun
+    """Store, steps per round, responses per step (`batch_size`), LoRA, sampling, seed."""
     online_rounds: int = 1
     """Online rounds of generation and multi-objective rejection sampling (RiC: >= 1)."""
     quantile: float = 0.7
     """Rejection threshold: keep a response whose r~ reaches this quantile in some objective."""
-    batch_size: int = 4
-    """Responses per optimizer step."""
-    lr: float = 1e-4
-    """Learning rate (constant)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """The adapter's LoRA (the backbones' rank and targets)."""
-    sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    """How responses are drawn, offline and online (per prompt: 1 greedy + the rest
-    sampled; online, every prompt carries one goal)."""
-    split: str = "train"
-    """Prompt split (or JSONL file)."""
-    max_prompts: int | None = None
-    """First N prompts only."""
-    save_steps: int = 25
-    """Checkpoint every N steps (a re-run resumes)."""
-    seed: int = 0
-    """Seed of sampling, goals and training."""
-    device: str = "auto"
-    """auto (CUDA if present), cpu or cuda."""
-    progress: bool = True
-    """Progress bars."""
 
 
 def sft_rows(tokenizer, samples: list[Sample], scores: np.ndarray) -> list[dict]:
@@ -133,22 +103,14 @@ def _sft_trainer(config: RicConfig, base: Path, previous: Path | None, rows, out
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    device = pick_device(config.device)
-    seed_everything(config.seed)
+    args = config.run.trainer_args(out) | {"completion_only_loss": True}
     model, tokenizer = load_base(base)
-    peft_config = lora_config(config.lora.rank, config.lora.lora_alpha, config.lora.targets)
+    peft_config = config.run.peft_config()
     if previous is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
         peft_config = None
-    args = trainer_args(
-        out / "checkpoints", config.steps, config.lr, config.seed, device.type == "cpu",
-        config.progress, config.save_steps,
-    )  # fmt: skip
-    args.update(
-        per_device_train_batch_size=config.batch_size, completion_only_loss=True, max_length=None
-    )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -165,18 +127,18 @@ def _sft_trainer(config: RicConfig, base: Path, previous: Path | None, rows, out
         raise TrainingError(f"cannot set up RiC fine-tuning: {exc}") from None
 
 
-def _online_samples(config, task, adapter: Path, prompts, low, high, cache: Path, seed: int):
+def _online_samples(run: FineTuneRun, task, adapter: Path, prompts, low, high, cache, seed: int):
     """The current policy's answers to goal-tagged prompts, scored with the plain prompts (the
     rewards never see the tags); cached in `cache`."""
     if cache.is_file():
         return load_scored(cache)
     from peft import PeftModel
 
-    model, tokenizer = load_base(task.base, pick_device(config.device))
+    model, tokenizer = load_base(task.base, pick_device(run.device))
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     goals = sample_goals(len(prompts), low, high, random.Random(seed))
     tagged = [ric_prompt(p, g) for p, g in zip(prompts, goals, strict=True)]
-    samples = generate_samples(model, tokenizer, tagged, config.sampling, seed, config.progress)
+    samples = generate_samples(model, tokenizer, tagged, run.sampling, seed, run.progress)
     plain = [dataclasses.replace(s, prompt=prompts[s.prompt_index]) for s in samples]
     scores = score_all(plain, list(task.rewards), task.scale)
     save_scored(cache, plain, scores)
@@ -186,35 +148,26 @@ def _online_samples(config, task, adapter: Path, prompts, low, high, cache: Path
 def train(config: RicConfig) -> Path:
     """Offline SFT, then `online_rounds` rounds of generation, rejection sampling and SFT;
     the final adapter into the store with RiC's reward range. Resumes where it stopped."""
-    if config.steps < 1 or config.batch_size < 1 or config.online_rounds < 1:
-        raise TrainingError("--steps, --batch-size and --online-rounds must be >= 1")
+    if config.online_rounds < 1:
+        raise TrainingError("--online-rounds must be >= 1 (RiC's online stage)")
     if not 0.0 <= config.quantile < 1.0:
         raise TrainingError(f"--quantile must be in [0, 1), got {config.quantile}")
-    task = store_task(config.store, list(config.rewards) if config.rewards else None)
-    work = Path(config.work) if config.work else task.store.with_name(task.store.name + "-work")
-    work = work / "ric"
-    guard_run_settings(work, _run_settings(config, task))
-    prompts = prompt_texts(config.split, config.max_prompts)
-    if not prompts:
-        raise TrainingError(f"prompt split {config.split!r} is empty")
-    model, tokenizer = load_base(task.base, pick_device(config.device))
-    samples, scores = scored_samples(
-        model, tokenizer, prompts, list(task.rewards), task.scale, config.sampling,
-        config.seed, work / "samples-offline.jsonl", config.progress,
-    )  # fmt: skip
-    del model
-    rows = sft_rows(tokenizer, samples, scores)
-    adapter = _round(config, task, None, rows, work / "round-0")
+    run = config.run
+    task = run.task()
+    work = run.work_dir(task, "ric")
+    rounds = [run.steps, config.online_rounds, config.quantile]
+    guard_run_settings(work, run.settings(task) | {"rounds": rounds})
+    tokenizer, samples, scores = run.base_samples(task, work / "samples-offline.jsonl")
+    adapter = _round(config, task, None, sft_rows(tokenizer, samples, scores), work / "round-0")
     for r in range(1, config.online_rounds + 1):
         low, high = reward_range(scores)
         cache = work / f"round-{r}" / "samples.jsonl"
         online, online_scores = _online_samples(
-            config, task, adapter, prompts, low, high, cache, config.seed + r
+            run, task, adapter, run.prompts(), low, high, cache, run.seed + r
         )
         samples, scores = samples + online, np.concatenate([scores, online_scores])
         kept = rejection_sample(scores, config.quantile)
-        chosen = [samples[i] for i in kept]
-        rows = sft_rows(tokenizer, chosen, scores[kept])
+        rows = sft_rows(tokenizer, [samples[i] for i in kept], scores[kept])
         adapter = _round(config, task, adapter, rows, work / f"round-{r}")
     low, high = reward_range(scores)
     final = copy_adapter(adapter, task.store / "baselines" / "ric")
@@ -229,19 +182,8 @@ def _round(config: RicConfig, task, previous: Path | None, rows: list[dict], out
     train_to_adapter(
         lambda log: _sft_trainer(config, task.base, previous, rows, out, log),
         out,
-        config.steps,
+        config.run.steps,
         adapter,
-        config.progress,
+        config.run.progress,
     )
     return adapter
-
-
-def _run_settings(config: RicConfig, task) -> dict:
-    lora = config.lora
-    return {
-        "base": str(task.base),
-        "rewards": list(task.rewards),
-        "lora": [lora.rank, lora.lora_alpha, list(lora.targets)],
-        "rounds": [config.steps, config.online_rounds, config.quantile],
-        "seed": config.seed,
-    }
