@@ -35,6 +35,12 @@ class Member(Protocol):
     gamma: float
 
 
+class Prefix(Protocol):
+    """Cached KV a batch's lanes start from (guidance.prefix_cache.CachedPrefix)."""
+
+    def restore(self, batch: Batch) -> None: ...
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each member's rows and outputs sit; rebuilt only when members change."""
@@ -109,6 +115,12 @@ class Batch:
             self._layout = build_layout(self.store, self.members)
         return self._layout
 
+    def replanned(self) -> None:
+        """A member's plan changed to one with the same rows and lanes (a preference changed
+        while it runs): its coefficients and score weights are read anew at the next step;
+        the KV stays."""
+        self._layout = None
+
     # --- membership -------------------------------------------------------------------
     def extend(self, other: Batch) -> None:
         """Take over the members and KV of `other` (a prefilled batch of the same store)."""
@@ -135,12 +147,16 @@ class Batch:
         self._layout = None
         if self._prompts is not None:  # mid-prefill: the prompt matrix follows its members
             ids, mask, lengths = self._prompts
-            rows = torch.tensor(index, device=ids.device)
+            rows = torch.tensor(index, dtype=torch.long, device=ids.device)  # [] is float
             self._prompts = (ids[rows], mask[rows], [lengths[m] for m in index])
 
     # --- prefill ------------------------------------------------------------------------
-    def start(self, members: list[Member], prompts: list[list[int]]) -> None:
-        """Make this (empty) batch prefill `prompts`, left-padded to the longest."""
+    def start(
+        self, members: list[Member], prompts: list[list[int]], prefix: Prefix | None = None
+    ) -> None:
+        """Make this (empty) batch prefill `prompts`, left-padded to the longest. With a
+        cached `prefix` (one member; guidance.prefix_cache), the lanes start from its KV and
+        `prompts` holds only the tokens after it."""
         assert not self.members, "prefill starts on an empty batch"
         self.members = list(members)
         self._layout = None
@@ -152,9 +168,12 @@ class Batch:
                 if model is not None and id(model) not in self.lanes:
                     self.lanes[id(model)] = KVLane(model.get_decoder(), self.store.device)
                     self.lane_models[id(model)] = model
-        self.base.open(len(self.layout.base_member))
-        for key, lane in self.lanes.items():
-            lane.open(len(self.layout.lane_rows[key]))
+        if prefix is not None:
+            prefix.restore(self)
+        else:
+            self.base.open(len(self.layout.base_member))
+            for key, lane in self.lanes.items():
+                lane.open(len(self.layout.lane_rows[key]))
         longest = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), longest), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(prompts), longest), dtype=torch.long)

@@ -260,7 +260,7 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_all(f"engine step failed: {exc}")
 
-    # --- the step: schedule -> forward -> guide -> sample -> emit ----------------------------
+    # --- the step: schedule -> forward -> guide -> constrain -> sample -> emit ---------------
     def step(self) -> None:
         self._schedule()
         ready = self._forward()

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from model_store.loader import LoadedStore
-from server import openai_api, playground, tgi
+from server import openai_api, playground, steering, tgi
 from server.errors import (
     HTTP_ERROR_TYPES,
     describe_validation,
@@ -35,6 +35,7 @@ from server.metrics import Metrics
 from server.middleware import ApiKeyMiddleware, BodyLimitMiddleware, HeaderLimitMiddleware
 from server.openapi import api_responses, customise_openapi
 from server.relay import Gateway, ServingState, package_version
+from server.request_ids import REQUEST_ID_HEADER, RequestIdMiddleware
 from server.schemas import ApiError, request_body_type
 from server.settings import ServerSettings
 from server.translate import available_modes
@@ -80,6 +81,7 @@ def create_app(settings: ServerSettings, store: LoadedStore | None = None) -> Fa
     _error_handlers(app, state)
     tgi.register(app, gateway, request_body_type(settings))
     openai_api.register(app, gateway)
+    steering.register(app, gateway)
     playground.register(app)
     _service_routes(app, state, gateway)
     return app
@@ -211,13 +213,14 @@ def open_paths(settings: ServerSettings) -> frozenset[str]:
 
 
 def _middleware(settings: ServerSettings, metrics: Metrics) -> list[Middleware]:
-    """Outermost first: the header limit, CORS (so preflights and error answers carry its
-    headers), then API keys (so nobody without one makes the server read a body), then the
-    body limit."""
+    """Outermost first: request ids (every answer carries X-Request-Id), the header limit,
+    CORS (so preflights and error answers carry its headers), then API keys (so nobody
+    without one makes the server read a body), then the body limit."""
     stack = [
+        Middleware(RequestIdMiddleware),
         Middleware(
             HeaderLimitMiddleware, max_bytes=settings.max_header_bytes, on_reject=metrics.rejected
-        )
+        ),
     ]
     if settings.cors_origins:
         stack.append(
@@ -225,8 +228,8 @@ def _middleware(settings: ServerSettings, metrics: Metrics) -> list[Middleware]:
                 CORSMiddleware,
                 allow_origins=settings.cors_origins,
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
-                expose_headers=["Retry-After"],
+                allow_headers=["Authorization", "Content-Type", REQUEST_ID_HEADER],
+                expose_headers=["Retry-After", REQUEST_ID_HEADER],
             )
         )
     if settings.api_key:

@@ -142,6 +142,7 @@ class Choice:
             "guidance": details.get("guidance"),
             "merge_method": self.submitted.handle.request.merge_method,
             "merge_cache_hit": details.get("merge_cache_hit"),
+            "preferences": details.get("preferences"),
         }
 
     def _piece(self, text: str, entries: list[dict], finish: str | None, offset: int) -> dict:
@@ -184,9 +185,12 @@ def _completion_logprobs(entries: list[dict], offset: int) -> dict:
 class Reply:
     """The OpenAI answer being built from the choices' events."""
 
-    def __init__(self, kind: str, model: str, body: Any, choices: list[Choice]) -> None:
+    def __init__(
+        self, kind: str, model: str, body: Any, choices: list[Choice], answer_id: str = ""
+    ) -> None:
         self.chat = kind == "chat"
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        # The answer's id is its X-Request-Id (server.request_ids), when the route has one.
+        self.id = answer_id or ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.object = "chat.completion" if self.chat else "text_completion"
         self.created, self.model, self.body, self.choices = int(time.time()), model, body, choices
         options = body.stream_options

@@ -15,6 +15,8 @@ from server.schemas import ErrorBody, GenerateResponse
 
 ERROR_DESCRIPTIONS = {
     401: "Missing or wrong API key (only when the server has keys).",
+    404: "No running request has this id (finished, unknown, or another API key's).",
+    409: "The request's preference cannot change while it runs (its mode or merge method).",
     413: "Request body larger than the server's max_body_bytes.",
     422: "Invalid request: the message names the field and the problem.",
     429: "The waiting queue is full; retry after Retry-After seconds.",

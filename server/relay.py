@@ -26,6 +26,7 @@ from guidance.requests import ErrorEvent, Event, GenerationRequest, RequestHandl
 from model_store.errors import StoreError
 from model_store.loader import LoadedStore, load_store
 from server.metrics import Metrics
+from server.request_ids import LiveRequests, caller, request_id
 from server.schemas import ApiError
 from server.settings import ServerSettings
 from server.translate import Options, Prompt, build_request
@@ -120,6 +121,8 @@ class Gateway:
 
     def __init__(self, state: ServingState) -> None:
         self.state, self.settings = state, state.settings
+        self.live = LiveRequests()
+        """Running requests by caller and id, for preference changes (server.steering)."""
 
     def ready(self) -> tuple[LoadedStore, Engine]:
         state = self.state
@@ -132,9 +135,12 @@ class Gateway:
         store, _ = self.ready()
         return await run_in_threadpool(build_request, prompt, options, store, self.settings)
 
-    def submit(self, requests: list[GenerationRequest]) -> list[Submitted]:
-        """Queue every request, or none: if the queue fills half-way, those already queued
-        are cancelled and the caller gets the 429."""
+    def submit(
+        self, requests: list[GenerationRequest], http: Request | None = None
+    ) -> list[Submitted]:
+        """Queue every request, or none (see submit_all); a refusal is the caller's 429 or
+        503. With `http`, they run under its X-Request-Id, where its caller can change their
+        preference."""
         _, engine = self.ready()
         loop = asyncio.get_running_loop()
         submitted: list[Submitted] = []
@@ -146,13 +152,15 @@ class Gateway:
                 time.monotonic(),
                 counted=index == 0,  # one HTTP request, one outcome, however many choices
             )
-            try:
-                engine.submit(handle)
-            except (QueueFullError, EngineUnavailableError) as exc:
-                self.cancel(submitted)
-                raise _refusal(exc) from None
             deadline = request.deadline or handle.submitted_at + self.settings.request_timeout_s
             submitted.append(Submitted(handle, events, deadline + DEADLINE_GRACE_S))
+        try:
+            submit_all(engine, [one.handle for one in submitted])
+        except (QueueFullError, EngineUnavailableError) as exc:
+            raise _refusal(exc) from None
+        if http is not None:
+            owner = caller(http, keyed=bool(self.settings.api_key))
+            self.live.add(owner, request_id(http), [one.handle for one in submitted])
         return submitted
 
     @staticmethod
@@ -192,6 +200,21 @@ class Gateway:
                 "request %s: no answer from the engine by its deadline", handle.request.request_id
             )
         return ErrorEvent("request exceeded its deadline", "timeout")
+
+
+def submit_all(engine: Engine, handles: list[RequestHandle]) -> None:
+    """Queue the handles of one HTTP request, or none: if the queue fills half-way, the
+    error is raised and those already queued are settled (the refusal is that request's one
+    outcome, so the engine counts none of them as it drops them) and cancelled (they leave
+    the queue at the engine's next step)."""
+    for index, handle in enumerate(handles):
+        try:
+            engine.submit(handle)
+        except (QueueFullError, EngineUnavailableError):
+            for queued in handles[:index]:
+                queued.settle()
+                queued.cancel()
+            raise
 
 
 def _refusal(exc: Exception) -> ApiError:

@@ -268,7 +268,8 @@ class GenerateResponse(BaseModel):
     details: dict[str, Any] | None = None
     """TGI's details (finish_reason: length, eos_token or stop_sequence; generated_tokens,
     seed, prefill, tokens, top_tokens) and this server's: prompt_tokens, preference (mu),
-    lambda, guidance {mode, gamma}, merge_cache_hit. Left out when `details` is false."""
+    lambda, preferences (each mu with the token it took effect from), guidance {mode,
+    gamma}, merge_cache_hit. Left out when `details` is false."""
 
 
 class ErrorBody(BaseModel):
@@ -279,7 +280,7 @@ class ErrorBody(BaseModel):
     """What went wrong, for people."""
     error_type: str
     """For programs: validation, unauthorized, payload_too_large, not_found,
-    method_not_allowed, overloaded, unavailable, timeout, generation, internal."""
+    method_not_allowed, conflict, overloaded, unavailable, timeout, generation, internal."""
 
 
 def request_body_type(settings: ServerSettings) -> Any:
