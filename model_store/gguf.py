@@ -6,6 +6,7 @@ safetensors folder in a local cache and serve from there. Nothing is downloaded.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -37,11 +38,21 @@ def package_gguf(package: str, file: str) -> Path:
     return path
 
 
+def ensure_writable(folder: Path) -> None:
+    """Create `folder` and check this user may write in it: an OSError naming the folder now,
+    rather than after a conversion of many seconds (a read-only root filesystem, a $HOME
+    mounted for another user)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     """De-quantise a GGUF model into a safetensors folder (float32); idempotent."""
     marker = out_dir / DONE_MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("source") == str(gguf):
         return out_dir
+    ensure_writable(out_dir.parent)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
