@@ -321,11 +321,12 @@ class Engine:
 
     def _change_preferences(self) -> None:
         """Preferences changed while their requests run take effect from each one's next
-        token (guidance.steering); a batch with a changed member rebuilds its layout."""
-        for batch in (self.decoding, self.prefilling):
-            if batch is not None and any([self._change_preference(s) for s in batch.members]):
-                batch.replanned()
-        for seq in (self._held, *self._retry):
+        token (guidance.steering); the decoding batch rebuilds its layout if one changed.
+        A request still prefilling keeps its change until it decodes, so a prompt's KV is
+        computed under one preference (what the prefix cache stores it under)."""
+        if any([self._change_preference(seq) for seq in self.decoding.members]):
+            self.decoding.replanned()
+        for seq in (self._held, *self._retry):  # not prefilled yet: no KV to keep
             if seq is not None:
                 self._change_preference(seq)
 

@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from guidance.batch import Batch
-from guidance.engine import Engine
+from guidance.engine import Engine, EngineConfig
 from guidance.plan import build_plan, round_preference
 from guidance.requests import ErrorEvent, GenerationRequest, RequestHandle, SamplingParams
 from guidance.steering import change_refused
@@ -185,6 +185,25 @@ def test_a_change_before_admission_is_the_new_preference_from_the_start(engine):
     assert changed[-1].details["preferences"] == [
         {"from_token": 0, "preference": list(MU_B), "lambda": direct[-1].details["lambda"]}
     ]
+
+
+def test_a_change_during_a_chunked_prefill_waits_for_the_first_decode(tiny_store):
+    """The prompt's KV is computed under one preference (the one the prefix cache files it
+    under): a change sent mid-prefill applies from the first decode step, token 1."""
+    engine = Engine(load_store(tiny_store, "cpu", "float32"), EngineConfig(prefill_tokens=2))
+    req = request(engine.store, "explicit")
+    events: list = []
+    handle = RequestHandle(req, events.append, time.monotonic())
+    engine.submit(handle, bounded=False)
+    engine.step()
+    assert engine.prefilling is not None and engine.prefilling.prefill_left > 0
+    handle.change_preference(torch.tensor(MU_B, dtype=torch.float64))
+    while engine._busy():
+        engine.step()
+    assert [e.id for e in events] == switched_batch(
+        engine.store, "explicit", list(req.prompt_ids), 1
+    )
+    assert [p["from_token"] for p in events[-1].details["preferences"]] == [0, 1]
 
 
 def test_batch_neighbours_are_untouched_and_the_latest_change_wins(engine):
