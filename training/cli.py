@@ -162,7 +162,7 @@ def _value_config(args: argparse.Namespace):
 def _arm_value(args: argparse.Namespace) -> int:
     from training.value_arm import ArmTrainConfig, train_arm_value
 
-    result = train_arm_value(ArmTrainConfig.from_value_config(_value_config(args), args.beta))
+    result = train_arm_value(ArmTrainConfig(_value_config(args), args.beta))
     m = result.metrics
     print(
         f"autoregressive reward model for {args.objective!r} (beta {m['beta']}): pairwise loss "
