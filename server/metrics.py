@@ -43,9 +43,12 @@ class Metrics(EngineObserver):
             registry=r,
         )
         self.generated = Counter("mage_generated_tokens", "Tokens generated.", registry=r)
-        # Read from the engine's queue at scrape time (ServingState.start sets the function).
+        # Read from the engine's own state at scrape time (watch), never kept up by events:
+        # a gauge set on events drifts whenever one is skipped.
         self.queue_size = Gauge("mage_queue_size", "Requests waiting.", registry=r)
-        self.running = Gauge("mage_running_requests", "Requests being decoded.", registry=r)
+        self.running = Gauge(
+            "mage_running_requests", "Requests prefilling or decoding.", registry=r
+        )
         self.cache_hits = Counter("mage_merge_cache_hits", "Merge-cache hits.", registry=r)
         self.cache_misses = Counter("mage_merge_cache_misses", "Merge-cache misses.", registry=r)
         self.cache_evictions = Counter(
@@ -60,6 +63,24 @@ class Metrics(EngineObserver):
             buckets=MERGE_BUCKETS,
             registry=r,
         )
+        self.prefix_queries = Counter(
+            "mage_prefix_cache_queries", "Prompts looked up in the prefix cache.", registry=r
+        )
+        self.prefix_hits = Counter(
+            "mage_prefix_cache_hits", "Prompts that reused cached KV.", registry=r
+        )
+        self.prefix_query_tokens = Counter(
+            "mage_prefix_cache_query_tokens", "Prompt tokens looked up.", registry=r
+        )
+        self.prefix_hit_tokens = Counter(
+            "mage_prefix_cache_hit_tokens", "Prompt tokens whose KV was reused.", registry=r
+        )
+        self.prefix_evictions = Counter(
+            "mage_prefix_cache_evictions", "Prefix-cache blocks evicted.", registry=r
+        )
+        self.prefix_bytes = Gauge(
+            "mage_prefix_cache_bytes", "Bytes held by the prefix cache.", registry=r
+        )
         self.ready = Gauge("mage_ready", "1 once the store is loaded.", registry=r)
         # 0 until an engine runs, and again once its thread died or stalled (see /health).
         self.engine_alive = Gauge("mage_engine_alive", "1 while the engine steps.", registry=r)
@@ -68,14 +89,16 @@ class Metrics(EngineObserver):
     def watch(self, engine: Engine) -> None:
         """Gauges read from the engine at scrape time."""
         self.queue_size.set_function(lambda: engine.queue_size)
+        self.running.set_function(lambda: engine.running)
         self.engine_alive.set_function(lambda: 1.0 if engine.health() is None else 0.0)
         self.kv_cache.set_function(engine.kv_bytes)
         self.cache_bytes.set_function(lambda: engine.plans.used_bytes)
+        prefix = engine.prefix_cache
+        self.prefix_bytes.set_function(lambda: prefix.used_bytes if prefix is not None else 0)
 
     # EngineObserver hooks (called on the engine thread; prometheus_client is thread-safe)
     def admitted(self, queue_seconds: float, running: int) -> None:
         self.queue_time.observe(queue_seconds)
-        self.running.set(running)
 
     def token(self, seconds_since_last: float, first: bool) -> None:
         (self.ttft if first else self.itl).observe(seconds_since_last)
@@ -84,10 +107,19 @@ class Metrics(EngineObserver):
     def finished(self, outcome: str, seconds: float, generated: int, running: int) -> None:
         self.requests.labels(outcome=outcome).inc()
         self.duration.observe(seconds)
-        self.running.set(running)
 
     def merge(self, seconds: float) -> None:
         self.merge_latency.observe(seconds)
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.prefix_queries.inc()
+        self.prefix_query_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self.prefix_hits.inc()
+            self.prefix_hit_tokens.inc(cached_tokens)
+
+    def prefix_evicted(self, blocks: int) -> None:
+        self.prefix_evictions.inc(blocks)
 
     def cache_event(self, event: str) -> None:
         {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}[

@@ -142,6 +142,9 @@ def test_stop_sequences_are_cut_out_as_openai_does(client):
         ({"guidance": {"gamma": 1000}}, "guidance.gamma", "must be <= 100"),
         ({"presence_penalty": 0.5}, "presence_penalty", "not supported"),
         ({"tools": [{"type": "function"}]}, "tools", "not supported"),
+        ({"logit_bias": {"5": 0, "7": 1}}, "logit_bias.7", "biases of 0"),
+        ({"top_logprobs": 2}, "top_logprobs", "`top_logprobs` needs `logprobs`: true"),
+        ({"top_logprobs": 0, "logprobs": False}, "top_logprobs", "needs `logprobs`"),
     ],
 )
 def test_bad_extra_fields_raise_the_clients_422(client, extra, param, text):
@@ -151,6 +154,11 @@ def test_bad_extra_fields_raise_the_clients_422(client, extra, param, text):
     assert set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error" and error["code"] == "validation"
     assert error["param"] == param and text in error["message"]
+
+
+def test_a_logit_bias_of_zeros_is_accepted_and_changes_nothing(client):
+    plain = chat(client).choices[0].message.content
+    assert chat(client, logit_bias={"5": 0, "17": 0.0}).choices[0].message.content == plain
 
 
 def test_errors_on_v1_use_openais_shape_with_tgis_status_codes(url):

@@ -1,6 +1,7 @@
 """Requests nobody waits for: a dropped non-streaming client stops its generation within a
-step, a request that passes its deadline in the queue leaves the queue at once, and every
-request is counted exactly once."""
+step, a request that passes its deadline in the queue leaves the queue at once, one abandoned
+mid-prefill leaves without harming the others, and every request is counted exactly once,
+with gauges read from the engine's own state."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ import time
 import httpx
 import pytest
 
-from guidance.engine import Engine, EngineConfig, EngineObserver
-from guidance.requests import ErrorEvent, RequestHandle
+from guidance.engine import DEADLINE_PASSED, Engine, EngineConfig, EngineObserver, QueueFullError
+from guidance.requests import ErrorEvent, GenerationRequest, RequestHandle
 from model_store.loader import load_store
+from server.relay import submit_all
 from tests.common import make_request
 from tests.http_server import metric, serving, wait_for
+from tests.simulation import Clock
 
 STEP_DELAY_S = 0.02
 """Each engine step is slowed by this much in the HTTP tests, so a 240-token generation
@@ -165,3 +168,131 @@ def test_a_request_the_http_layer_gives_up_on_is_counted_once(loaded):
         assert finished.wait(30)  # the engine has ended the request too, and counted or not
         assert metric(url, "mage_requests_total") == 1
         assert metric(url, 'mage_requests_total{outcome="timeout"}') == 1
+
+
+# --- a request abandoned mid-prefill, refused fan-outs, gauges from the engine's state ---------
+
+
+def _no_engine_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mage.engine" and r.levelno >= 40]
+
+
+def _long_request(loaded, tokens: int, **changes) -> GenerationRequest:
+    """A prompt of `tokens` tokens (the tiny model has 256 positions)."""
+    base = make_request(loaded, "Merge and guide", mode="implicit-ensemble", max_new=16, name="b")
+    words = loaded.tokenizer(" ".join(f"river{k} mountain{k % 7}" for k in range(60)))
+    prompt = tuple(words["input_ids"][:tokens])
+    assert len(prompt) == tokens
+    return dataclasses.replace(base, prompt_ids=prompt, **changes)
+
+
+@pytest.mark.parametrize("how", ["cancelled", "timeout"])
+def test_a_request_abandoned_mid_prefill_leaves_the_others_running(loaded, caplog, how):
+    """The whole prefilling group is gone (its client left, or its deadline passed) while
+    its prompt is half prefilled: it leaves, and the running request goes on as if alone."""
+    caplog.set_level(logging.ERROR, logger="mage.engine")
+    clock, observer = Clock(), Outcomes()
+    engine = Engine(loaded, EngineConfig(prefill_tokens=8, clock=clock), observer)
+    a = make_request(loaded, "Once upon a time", mode="none", max_new=30, name="a")
+    events: dict[str, list] = {"a": [], "b": []}
+    engine.submit(RequestHandle(a, events["a"].append, clock()))
+    for _ in range(5):
+        engine.step()
+    b = _long_request(loaded, 64, deadline=clock() + 5.5 if how == "timeout" else None)
+    handle = RequestHandle(b, events["b"].append, clock())
+    engine.submit(handle)
+    engine.step()
+    assert engine.prefilling is not None and engine.prefilling.prefill_left > 0  # mid-prefill
+    if how == "cancelled":
+        handle.cancel()
+    else:
+        clock.now += 10.0
+    for _ in range(100):
+        if not engine._busy():
+            break
+        engine.step()
+    alone = Engine(loaded).run_to_completion(a)
+    assert [e.id for e in events["a"]] == [e.id for e in alone]
+    assert [e.logprob for e in events["a"]] == pytest.approx([e.logprob for e in alone], abs=1e-4)
+    assert events["b"] == ([] if how == "cancelled" else [ErrorEvent(DEADLINE_PASSED, "timeout")])
+    assert sorted(observer.outcomes) == sorted([how, "success"])
+    assert engine.running == engine.queue_size == engine.kv_bytes() == 0
+    assert _no_engine_errors(caplog) == []
+
+
+def test_a_client_gone_during_a_long_prefill_does_not_end_another_stream(loaded, caplog):
+    """The HTTP reproducer: stream A runs; B sends a long prompt and closes its socket while
+    the prompt is being prefilled in small chunks. A streams to its end."""
+    caplog.set_level(logging.ERROR, logger="mage.engine")
+    with serving(loaded, prefill_tokens=2, max_new_tokens=512) as (url, state):
+        slow_steps(state)
+        stream = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 120}}
+        stream["parameters"]["guidance"] = {"mode": "none"}
+        long_ids = _long_request(loaded, 100).prompt_ids
+        long = {"inputs": loaded.tokenizer.decode(long_ids), "parameters": {"max_new_tokens": 16}}
+        finals: list[dict] = []
+
+        def run_a() -> None:
+            with httpx.stream("POST", f"{url}/generate_stream", json=stream, timeout=60) as a:
+                lines = [line for line in a.iter_lines() if line.startswith("data:")]
+            finals.append(json.loads(lines[-1].removeprefix("data:")))
+
+        thread = threading.Thread(target=run_a)
+        thread.start()
+        assert wait_for(lambda: _generated(state) >= 5)
+        sock = _send_raw(url, "/generate", long)
+        assert wait_for(lambda: (group := state.engine.prefilling) is not None and group.cursor)
+        sock.close()  # gone with its prompt half prefilled
+        thread.join(60)
+        assert finals and finals[0]["details"]["generated_tokens"] == 120, finals
+        assert wait_for(lambda: metric(url, 'mage_requests_total{outcome="cancelled"}') == 1)
+        assert metric(url, 'mage_requests_total{outcome="success"}') == 1
+        assert metric(url, "mage_requests_total") == 2
+        assert wait_for(lambda: metric(url, "mage_running_requests") == 0)
+    assert _no_engine_errors(caplog) == []
+
+
+def test_a_refused_fan_out_is_counted_once_by_whoever_refuses_it(loaded):
+    """Queued choices of a request refused half-way are dropped without a count of their
+    own: the 429 is that request's one outcome."""
+    observer = Outcomes()
+    engine = Engine(loaded, EngineConfig(max_queue=0, max_running=1), observer)
+    ignore = lambda event: None  # noqa: E731
+    request = make_request(loaded, "Hi", max_new=4)
+    choices = [RequestHandle(request, ignore, time.monotonic(), counted=i == 0) for i in range(2)]
+    with pytest.raises(QueueFullError):
+        submit_all(engine, choices)
+    assert choices[0].cancelled.is_set()
+    while engine._busy():
+        engine.step()
+    assert observer.outcomes == []
+    assert engine.queue_size == engine.running == 0
+
+
+def test_outcomes_and_gauges_add_up_after_fan_outs_and_refusals(loaded):
+    """One n=2 request leaves the running gauge at 0; a fan-out refused half-way is one
+    `overloaded` outcome, and the gauges return to 0 when the server is idle."""
+    with serving(loaded, max_running=1, max_queue=3) as (url, state):
+        small = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "n": 2, "max_tokens": 4})
+        assert small.status_code == 200
+        assert wait_for(lambda: metric(url, "mage_requests_total") == 1)
+        assert metric(url, "mage_running_requests") == 0
+        slow_steps(state)
+        answers: list[int] = []
+        big = {"prompt": "Hi", "n": 3, "max_tokens": 40}
+        thread = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/completions", json=big, timeout=60).status_code
+            )
+        )
+        thread.start()
+        assert wait_for(lambda: state.engine._accepted == 3)  # 3 of the 4 places
+        refused = httpx.post(f"{url}/v1/completions", json={"prompt": "Hi", "n": 2})
+        assert refused.status_code == 429  # its first choice was queued, its second refused
+        thread.join(60)
+        assert answers == [200]
+        assert wait_for(lambda: metric(url, "mage_running_requests") == 0)
+        assert metric(url, "mage_queue_size") == metric(url, "mage_kv_cache_bytes") == 0
+        assert metric(url, 'mage_requests_total{outcome="success"}') == 2
+        assert metric(url, 'mage_requests_total{outcome="overloaded"}') == 1
+        assert metric(url, "mage_requests_total") == 3
