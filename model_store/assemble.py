@@ -11,6 +11,7 @@ as `mage store validate`, architecture included), and only then moved into place
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -38,11 +39,14 @@ class ValueSource:
     """One explicit value model to put in a store."""
 
     kind: str
-    """'lora' (an adapter over the base) or 'standalone' (a model folder)."""
+    """'lora' (an adapter over the base), 'standalone' (a model folder) or 'arm' (an
+    autoregressive reward model: an adapter, no head)."""
     path: Path
     """Adapter folder, or model folder."""
-    head: Path
-    """Value head safetensors file."""
+    head: Path | None
+    """Value head safetensors file (None for 'arm')."""
+    beta: float | None = None
+    """'arm' only: beta of r = beta sum_t log pi_r."""
 
 
 @dataclass(frozen=True)
@@ -105,9 +109,20 @@ def find_adapter(folder: Path) -> Path:
 
 def trained_value(folder: Path) -> ValueSource:
     """A value model as `mage train value --out FOLDER` writes it: FOLDER/adapter/ and
-    FOLDER/head.safetensors (or an adapter folder with head.safetensors inside)."""
+    FOLDER/head.safetensors (or an adapter folder with head.safetensors inside); for
+    `--kind arm`, FOLDER/adapter/ and the beta recorded in FOLDER/metrics.json."""
     folder = Path(folder)
     adapter = find_adapter(folder)
+    metrics = folder / "metrics.json"
+    if metrics.is_file() and not (folder / VALUE_HEAD).is_file():
+        try:
+            recorded = json.loads(metrics.read_text())
+        except json.JSONDecodeError as exc:
+            raise StoreError(metrics, f"not valid JSON: {exc}") from None
+        if isinstance(recorded, dict) and recorded.get("kind") == "arm":
+            if not isinstance(recorded.get("beta"), int | float):
+                raise StoreError(metrics, "an 'arm' run's metrics need its beta (a number)")
+            return ValueSource("arm", adapter, None, float(recorded["beta"]))
     for head in (folder / VALUE_HEAD, adapter / VALUE_HEAD):
         if head.is_file():
             return ValueSource("lora", adapter, head)
@@ -122,7 +137,12 @@ def parts_of_store(root: Path) -> StoreParts:
     if manifest.base.path is not None:
         base = {"path": str(resolve(root, manifest.base.path).resolve())}
     values = {
-        spec.objective: ValueSource(spec.kind, resolve(root, spec.path), resolve(root, spec.head))
+        spec.objective: ValueSource(
+            spec.kind,
+            resolve(root, spec.path),
+            None if spec.head is None else resolve(root, spec.head),
+            spec.beta,
+        )
         for spec in manifest.guidance.explicit
     }
     return StoreParts(
@@ -188,7 +208,11 @@ def _manifest(parts: StoreParts) -> dict:
             "objective": objective,
             "kind": parts.values[objective].kind,
             "path": f"values/{slug}",
-            "head": f"values/{slug}-head.safetensors",
+            **(
+                {"beta": parts.values[objective].beta}
+                if parts.values[objective].kind == "arm"
+                else {"head": f"values/{slug}-head.safetensors"}
+            ),
         }
         for objective, slug in zip(parts.objectives, slugs, strict=True)
         if objective in parts.values
@@ -228,8 +252,10 @@ def _write_parts(parts: StoreParts, root: Path) -> None:
         value = parts.values.get(objective)
         if value is None:
             continue
-        copy = _copy_adapter if value.kind == "lora" else _copy_model
+        copy = _copy_model if value.kind == "standalone" else _copy_adapter
         copy(value.path, root / "values" / slug)
+        if value.head is None:  # an 'arm' value model has no head
+            continue
         if not value.head.is_file():
             raise StoreError(value.head, "missing value head file")
         shutil.copy2(value.head, root / "values" / f"{slug}-head.safetensors")

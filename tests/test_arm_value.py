@@ -163,3 +163,22 @@ def test_arm_and_lora_values_do_not_mix(arm_store, tmp_path):
     path.write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="mix kinds"):
         check_store(root)
+
+
+def test_assemble_keeps_arm_values_and_takes_a_trained_arm_run(arm_store, tmp_path):
+    """`mage store assemble --from` an ARM store keeps kind and beta; `--value OBJ=RUN` takes
+    a `mage train value --kind arm` folder (adapter/ + metrics.json with its beta)."""
+    copy = tmp_path / "copy"
+    assert mage(["store", "assemble", str(copy), "--from", str(arm_store)]) == 0
+    specs = check_store(copy).manifest.guidance.explicit
+    assert [(s.kind, s.head, s.beta) for s in specs] == [("arm", None, 0.5), ("arm", None, 0.75)]
+    run = tmp_path / "run"
+    shutil.copytree(arm_store / "values" / "harmless", run / "adapter")
+    (run / "metrics.json").write_text(json.dumps({"kind": "arm", "beta": 0.25}))
+    mixed = tmp_path / "mixed"
+    argv = ["store", "assemble", str(mixed), "--from", str(arm_store)]
+    assert mage([*argv, "--value", f"helpful={run}"]) == 0
+    specs = check_store(mixed).manifest.guidance.explicit
+    assert [s.beta for s in specs] == [0.25, 0.75]
+    store = load_store(mixed, "cpu", "float32")
+    assert store.value_kind == "arm" and store.arm_betas == [0.25, 0.75]
