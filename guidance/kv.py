@@ -260,6 +260,48 @@ class KVLane:
         self.real = self.real[rows]
         self.real_host = [self.real_host[i] for i in index]
 
+    # --- prefix cache (guidance.prefix_cache) ---------------------------------------------
+    def held_from(self, row: int) -> list[int]:
+        """Per layer, the first token position of `row` its buffer still holds (0, or later
+        where a sliding window dropped older columns)."""
+        pad = self.length - self.real_host[row]
+        return [max(0, layer.base - pad) for layer in self.cache.layers]
+
+    def read(
+        self, row: int, first: list[int], stop: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Copies of one row's keys and values at its token positions [first[l], stop), per
+        layer l: (kv_heads, columns, head_dim) each; None where first[l] >= stop."""
+        pad = self.length - self.real_host[row]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        for layer, start in zip(self.cache.layers, first, strict=True):
+            if start >= stop:
+                out.append(None)
+                continue
+            assert pad + start >= layer.base, "the lane no longer holds these columns"
+            a, b = pad + start - layer.base, pad + stop - layer.base
+            out.append((layer.keys[row, :, a:b].clone(), layer.values[row, :, a:b].clone()))
+        return out
+
+    def load(self, layers: list[tuple[torch.Tensor, torch.Tensor, int]], length: int) -> None:
+        """Start rows from known KV instead of `open`: per layer (keys, values, first), keys
+        and values (rows, kv_heads, length - first, head_dim) holding every row's token
+        positions [first, length); no padding. A sliding layer needs only the columns its
+        window still reaches (first >= length - window + 1)."""
+        assert self.rows == 0 and self.length == 0, "load into a new lane"
+        rows = layers[0][0].shape[0]
+        for layer, (keys, values, first) in zip(self.cache.layers, layers, strict=True):
+            layer.lazy_initialization(keys, values)
+            shape = (rows, keys.shape[1], _capacity(length - first), keys.shape[3])
+            layer.keys, layer.values = keys.new_zeros(shape), values.new_zeros(shape)
+            layer.keys[:, :, : length - first] = keys
+            layer.values[:, :, : length - first] = values
+            layer.seen, layer.base = length, first
+        self.mask = torch.zeros((rows, _capacity(length)), dtype=torch.long, device=self.device)
+        self.mask[:, :length] = 1
+        self.real = torch.full((rows,), length, dtype=torch.long, device=self.device)
+        self.real_host, self.length = [length] * rows, length
+
     def _resize_mask(self, capacity: int) -> None:
         mask = torch.zeros((self.rows, capacity), dtype=torch.long, device=self.device)
         mask[:, : self.length] = self.mask[:, : self.length]
