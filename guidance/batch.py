@@ -147,7 +147,7 @@ class Batch:
         self._layout = None
         if self._prompts is not None:  # mid-prefill: the prompt matrix follows its members
             ids, mask, lengths = self._prompts
-            rows = torch.tensor(index, device=ids.device)
+            rows = torch.tensor(index, dtype=torch.long, device=ids.device)  # [] is float
             self._prompts = (ids[rows], mask[rows], [lengths[m] for m in index])
 
     # --- prefill ------------------------------------------------------------------------
