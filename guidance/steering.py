@@ -7,7 +7,10 @@ that sequence runs the new coefficients (lambda = B^-1 mu, Eq. 13, and the value
 Eq. 24), so the first token chosen under the new plan is the next one the request
 generates. The KV already computed stays as it was: the prompt and the tokens before are
 not recomputed under the new preference (the token generated last is fed, and its KV
-computed, under the new plan, since that forward picks the next token).
+computed, under the new plan, since that forward picks the next token). A change that
+comes while the prompt is still being prefilled waits for the first decode step, so a
+prompt's KV always has one preference; one that comes while the request is queued applies
+from the start.
 
 Only mu changes: the mode, gamma and merge method stay, so the new plan has the same rows
 and the same value lanes as the old, and the sequence keeps its place in the batch's KV.

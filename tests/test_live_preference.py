@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,7 @@ from model_store.loader import load_store
 from model_store.value_head import load_value_head
 from tests.http_server import serving
 from tests.test_batch import peft_merged
+from tests.test_playground import chromium
 
 KEYS = ["key-one", "key-two"]
 
@@ -442,3 +444,42 @@ def test_a_mode_that_cannot_change_is_a_409(standalone_store):
             assert pending.result().status_code == 200
     assert refused.status_code == 409
     assert "explicit-ensemble" in refused.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with tempfile.TemporaryDirectory(prefix="mage-chromium-") as profile:
+        driver = chromium(profile)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def test_the_playground_sliders_steer_a_streaming_answer_in_chromium(tiny_store, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with serving(load_store(tiny_store, "cpu", "float32")) as (url, state):
+        wait = WebDriverWait(browser, 60)
+        browser.get(f"{url}/")
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready"))
+        max_tokens = browser.find_element(By.ID, "max-tokens")
+        max_tokens.clear()
+        max_tokens.send_keys("8")
+        answer = browser.find_element(By.ID, "answer")
+        with Gate(state.engine) as gate:
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda d: answer.get_attribute("data-request-id"))  # headers came
+            assert gate.entered.wait(30)  # the engine holds its first token
+            browser.find_element(By.ID, "pref-main-slider").send_keys(Keys.HOME)  # mu = (1, 0)
+            wait.until(lambda d: answer.get_attribute("data-steered") == "1")
+            gate.released.set()
+            wait.until(lambda d: answer.get_attribute("data-done") == "true")
+        meta = browser.find_element(By.ID, "answer-meta").text
+    assert answer.get_attribute("data-tokens") == "8"
+    assert "changed while streaming" in meta and "μ = (1.00, 0.00) from token 1" in meta
+    # lambda and mu at the end are the new preference's; the start and the change are listed
+    assert meta.startswith("λ = (1.75, -0.75) · μ = (1.00, 0.00)")
+    assert "started at μ = (0.50, 0.50)" in meta
