@@ -92,6 +92,7 @@ def test_outputs_validate_in_every_mode_greedy_and_sampled_beside_free_rows(stor
     for schema, events in zip(schemas, outputs, strict=False):
         last = finished(events)
         assert last.details["finish_reason"] == "eos_token", last.generated_text
+        assert not last.special  # it ended with the grammar, without spending a step on EOS
         jsonschema.validate(json.loads(last.generated_text), schema)
     free_outputs = Engine(store).run_all(free)  # the same free rows, no grammar beside them
     for beside, alone in zip(outputs[len(requests) :], free_outputs, strict=True):
