@@ -19,6 +19,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,7 +144,10 @@ class Engine:
             if self.config.prefix_cache_bytes > 0
             else None
         )
-        self._prefill_plans: dict[int, DecodePlan] = {}  # per id(seq): its prefill's plan
+        # Per running sequence, the plan its KV is computed with (the prefix cache's key).
+        self._kv_plans: weakref.WeakKeyDictionary[Sequence, DecodePlan] = (
+            weakref.WeakKeyDictionary()
+        )
         self.special_ids = set(store.tokenizer.all_special_ids)
         self.eos_ids = store.eos_ids
         self.waiting: deque[RequestHandle] = deque()
@@ -361,7 +365,7 @@ class Engine:
             else:
                 if outputs is not None:
                     ready.append((group, outputs))
-                    self._store_prefixes(group)
+                    self._store_prefixes(group, finished=False)
         return ready
 
     def _prefill_failed(self, group: Batch, exc: Exception) -> None:
@@ -383,6 +387,8 @@ class Engine:
         """Finished sequences leave their batch; a prefilled group joins the decoding one."""
         for batch in (self.decoding, self.prefilling):
             if batch is not None and any(seq.finished for seq in batch.members):
+                if batch is self.decoding:
+                    self._store_prefixes(batch, finished=True)
                 self._drop_finished(batch)
         group = self.prefilling
         if group is not None and (prefilled or not group):
@@ -391,19 +397,19 @@ class Engine:
             self.prefilling = None
 
     def _drop_finished(self, batch: Batch) -> None:
-        """Free the finished members' KV. Should that fail, the requests still in the batch
-        are not failed for it: a prefilling group starts over one request at a time; a
+        """Free the finished members' KV. Should that fail: the rest of a prefilling group
+        has generated nothing yet, so each of its requests prefills again on its own; a
         decoding batch's KV is no longer trusted, so its requests fail (as for a failed
         decode forward), and the engine goes on with an empty one."""
         alive = [seq for seq in batch.members if not seq.finished]
         try:
             batch.keep([i for i, seq in enumerate(batch.members) if not seq.finished])
         except Exception as exc:
+            log.exception("freeing finished requests failed")
             if batch is self.prefilling:
                 self.prefilling = None
-                self._retry_alone(alive, "prefill", exc)
+                self._retry.extend(alive)
             else:
-                log.exception("freeing finished requests failed")
                 self._fail(alive, f"batched KV bookkeeping failed: {exc}")
                 self.decoding = Batch(self.store)
 
@@ -477,15 +483,17 @@ class Engine:
             return None
         return self.prefix_cache.lookup(seq.plan, seq.request.prompt_ids)
 
-    def _store_prefixes(self, group: Batch) -> None:
-        """Cache the prompts just prefilled; a failure here costs reuse, never the requests."""
+    def _store_prefixes(self, batch: Batch, finished: bool) -> None:
+        """Cache the KV of the prompts a group just prefilled, or of the finished requests
+        (prompt and answer: a chat's next turn starts with them); a failure here costs
+        reuse, never the requests."""
         if self.prefix_cache is None:
             return
+        members = [i for i, seq in enumerate(batch.members) if seq.finished or not finished]
         try:
-            self.prefix_cache.store_prompts(group, self._prefill_plans)
+            self.prefix_cache.store(batch, members, self._kv_plans)
         except Exception:
-            log.exception("storing prompts in the prefix cache failed")
-        self._prefill_plans = {}
+            log.exception("storing KV in the prefix cache failed")
 
     def _fits(self, group: list[Sequence], seq: Sequence) -> bool:
         members = [*group, seq]
@@ -508,7 +516,7 @@ class Engine:
         batch = Batch(self.store)
         cached = 0 if prefix is None else prefix.tokens
         batch.start(group, [list(seq.request.prompt_ids[cached:]) for seq in group], prefix)
-        self._prefill_plans = {id(seq): seq.plan for seq in group}
+        self._kv_plans.update((seq, seq.plan) for seq in group)
         now = self.config.clock()
         for seq in group:
             seq.cached_tokens = cached

@@ -23,7 +23,8 @@ A lookup takes, over every row of a request, the longest run of cached blocks al
 share, never the prompt's last token (its logits are needed); a sliding-window layer must
 still hold the columns its window reaches from there. The hit is restored into fresh lanes
 (KVLane.load) and only the suffix is prefilled. After a prefill, each row's new full blocks
-are copied out of the lane (one copy per layer and row, shared by its blocks).
+are copied out of the lane (one copy per layer and row, shared by its blocks), and so are a
+finished request's generated tokens: the next turn of a chat sends them back as history.
 
 Memory: a byte budget on the model's device, least-recently-used blocks evicted first. A
 hit or store touches its path leaf first, so an ancestor is always more recent than its
@@ -35,9 +36,9 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -137,7 +138,7 @@ class PrefixCache:
     ) -> None:
         if block < 1:
             raise ValueError("a prefix-cache block holds at least one token")
-        self.store, self.budget_bytes, self.block = store, budget_bytes, block
+        self.loaded, self.budget_bytes, self.block = store, budget_bytes, block
         self.used_bytes = 0
         self._roots: dict[Hashable, _Node] = {}
         self._lru: OrderedDict[_Node, None] = OrderedDict()  # oldest first
@@ -170,7 +171,7 @@ class PrefixCache:
         if source.model is None:
             return None
         weights = _tensor_key(torch.tensor(source.weights, dtype=torch.float64))
-        models = self.store.standalone_values or []
+        models = self.loaded.standalone_values or []
         index = next((i for i, m in enumerate(models) if m is source.model), None)
         # Not a store model: guidance.plan's Eq. (24) merge sum_i w_i theta_i of them.
         return ("standalone", "merged" if index is None else index, weights)
@@ -219,7 +220,7 @@ class PrefixCache:
 
     def _windows(self, plan: DecodePlan) -> list[list[int | None]]:
         """Per chain of `lookup` (base rows, then standalone sources), its layers' windows."""
-        base = layer_windows(self.store.model.get_decoder().config)
+        base = layer_windows(self.loaded.model.get_decoder().config)
         values = [
             layer_windows(source.model.get_decoder().config)
             for source in plan.values
@@ -236,21 +237,25 @@ class PrefixCache:
         )
 
     # --- store ---------------------------------------------------------------------------
-    def store_prompts(self, batch: Batch, plans: dict[int, DecodePlan]) -> None:
-        """After `batch`'s prefill, cache each member's full prompt blocks. `plans` holds,
-        per id(member), the plan its prefill ran with: a member whose plan has changed since
-        is skipped (its KV is not that of its current key)."""
+    def store(self, batch: Batch, members: list[int], started: Mapping[Any, DecodePlan]) -> None:
+        """Cache the whole blocks of what `batch`'s lanes hold for these members: each
+        member's tokens `ids` (prompt, then generated) up to its rows' length. `started`
+        holds, per member, the plan its KV was computed with: a member whose plan has
+        changed since (a preference changed while it ran) is skipped, its KV being that of
+        no single key."""
         layout = batch.layout
         lane_index = {
             (m, k): (key, i)
             for key, rows in layout.lane_rows.items()
             for i, (m, k) in enumerate(rows)
         }
-        for m, member in enumerate(batch.members):
+        for m in members:
+            member = batch.members[m]
             plan = member.plan
-            if plans.get(id(member)) is not plan:
+            if started.get(member) is not plan or len(getattr(member, "plans", ())) > 1:
                 continue
-            blocks = self._blocks(member.request.prompt_ids)
+            held = batch.base.real_host[layout.base_rows[m][0]]
+            blocks = self._blocks(member.ids[:held])
             if not blocks:
                 continue
             keys = self.row_keys(plan)

@@ -88,6 +88,11 @@ class Choice:
     def generated(self) -> int:
         return self.details["generated_tokens"] if self.details else 0
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (guidance.prefix_cache)."""
+        return self.details.get("cached_tokens", 0) if self.details else 0
+
     def add(self, event: TokenEvent) -> dict | None:
         """Take one event; the streamed piece of this choice for it (None: nothing new)."""
         text = "" if event.special else self.filter.push(event.text)
@@ -211,14 +216,18 @@ class Reply:
             "mage": self.choices[0].mage(),
         }
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompts = {c.prompt_key: c.prompt_tokens for c in self.choices}
         prompt = sum(prompts.values())
         completion = sum(c.generated for c in self.choices)
+        cached: dict[int, int] = {}  # per prompt, the fewest any of its choices reused
+        for c in self.choices:
+            cached[c.prompt_key] = min(cached.get(c.prompt_key, c.cached_tokens), c.cached_tokens)
         return {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
         }
 
     def openings(self) -> list[dict]:

@@ -243,6 +243,14 @@ class MageExtension(_Open):
     `lambda` above are the last one's)."""
 
 
+class PromptTokensDetails(_Open):
+    """What the prompt tokens were made of."""
+
+    cached_tokens: int
+    """Prompt tokens whose KV came from the prefix cache, summed over prompts (for a prompt
+    with several choices, the fewest any of them reused)."""
+
+
 class Usage(_Open):
     """Token counts."""
 
@@ -252,6 +260,8 @@ class Usage(_Open):
     """Generated tokens, summed over choices."""
     total_tokens: int
     """Their sum."""
+    prompt_tokens_details: PromptTokensDetails | None = None
+    """Of the prompt tokens, those served from the prefix cache."""
 
 
 class _Answer(_Open):

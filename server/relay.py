@@ -102,6 +102,7 @@ def engine_config(settings: ServerSettings, store: LoadedStore) -> EngineConfig:
         kv_budget_tokens=int(budget_mb * (1 << 20)) // store.kv_bytes_per_token,
         prefill_tokens=settings.prefill_tokens,
         cache_budget_bytes=int(settings.merge_cache_mb * (1 << 20)),
+        prefix_cache_bytes=int(settings.prefix_cache_mb * (1 << 20)),
         stall_timeout_s=settings.engine_stall_timeout_s,
     )
 

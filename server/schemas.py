@@ -269,7 +269,8 @@ class GenerateResponse(BaseModel):
     """TGI's details (finish_reason: length, eos_token or stop_sequence; generated_tokens,
     seed, prefill, tokens, top_tokens) and this server's: prompt_tokens, preference (mu),
     lambda, preferences (each mu with the token it took effect from), guidance {mode,
-    gamma}, merge_cache_hit. Left out when `details` is false."""
+    gamma}, merge_cache_hit, cached_tokens (prompt tokens whose KV came from the prefix
+    cache). Left out when `details` is false."""
 
 
 class ErrorBody(BaseModel):

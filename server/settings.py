@@ -68,6 +68,10 @@ class ServerSettings(BaseSettings):
     """Largest request line plus headers in bytes; a larger one gets 400."""
     merge_cache_mb: float = Field(default=256.0, ge=0)
     """Byte budget of the per-preference merge cache."""
+    prefix_cache_mb: float = Field(default=1024.0, ge=0)
+    """Budget in MiB of the prefix cache: the KV of prompts already prefilled, per
+    preference, reused by later prompts that start with them (a chat's history), on the
+    model's device; least recently used blocks are evicted first. 0 turns it off."""
     api_key: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     """API keys; when any is set, every route but /health, /ready and /metrics needs
     `Authorization: Bearer <key>`. Comma-separated in the environment; repeat the flag."""

@@ -8,6 +8,8 @@ method never reaches another's entries; a small budget evicts; the metrics move.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,6 +120,19 @@ def test_sliding_window_bases_reuse_only_what_their_windows_hold(sliding, mode):
     assert any(None in node.kv for node in engine.prefix_cache._lru if node.parent)
 
 
+@pytest.mark.parametrize("mode", ["implicit", "explicit"])
+def test_a_finished_answer_is_cached_for_the_next_turn(tiny, mode):
+    engine = _engine(tiny)
+    first = make_request(tiny, HISTORY, mode=mode, max_new=6)
+    answer = [event.id for event in engine.run_to_completion(first)]
+    said = [*first.prompt_ids, *answer]  # the lanes hold all but the last answer token
+    more = tiny.tokenizer(" Merge and guide.", add_special_tokens=False)["input_ids"]
+    turn = dataclasses.replace(first, prompt_ids=tuple(said + more))
+    cached = engine.run_to_completion(turn)
+    assert cached[-1].details["cached_tokens"] == (len(said) - 1) // BLOCK * BLOCK
+    _assert_same(cached, Engine(tiny).run_to_completion(turn))
+
+
 def test_the_whole_prompt_is_never_served_from_the_cache(tiny):
     engine = _engine(tiny)
     _run(engine, tiny, TURN)
@@ -190,3 +205,28 @@ def test_the_cache_is_off_by_default_offline(tiny):
     assert engine.prefix_cache is None
     _run(engine, tiny, HISTORY)
     assert _run(engine, tiny, TURN)[1]["cached_tokens"] == 0
+
+
+def test_cached_tokens_reach_openai_usage_tgi_details_and_metrics(tiny_store):
+    import httpx
+    import openai
+
+    from tests.http_server import running_server
+
+    loaded = load_store(tiny_store, "cpu", "float32")
+    first = [{"role": "user", "content": HISTORY}]
+    turn = [*first, {"role": "assistant", "content": "Bread."}, {"role": "user", "content": "?"}]
+    with running_server(loaded, max_new_tokens=16) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        answers = [
+            client.chat.completions.create(model="m", messages=messages, max_tokens=2)
+            for messages in (first, turn)
+        ]
+        usage = [answer.usage.prompt_tokens_details.cached_tokens for answer in answers]
+        assert usage[0] == 0 and 0 < usage[1] < answers[1].usage.prompt_tokens
+        body = {"messages": turn, "parameters": {"max_new_tokens": 2}}
+        details = httpx.post(f"{url}/generate", json=body, timeout=60).json()["details"]
+        assert details["cached_tokens"] >= usage[1]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    hits = [line for line in metrics.splitlines() if line.startswith("mage_prefix_cache_hits_t")]
+    assert hits == ["mage_prefix_cache_hits_total 2.0"]
