@@ -182,3 +182,25 @@ def test_assemble_keeps_arm_values_and_takes_a_trained_arm_run(arm_store, tmp_pa
     assert [s.beta for s in specs] == [0.25, 0.75]
     store = load_store(mixed, "cpu", "float32")
     assert store.value_kind == "arm" and store.arm_betas == [0.25, 0.75]
+
+
+def test_beam_lookahead_scores_a_beam_by_its_arm_reward(engine, arm_store):
+    """Over `arm` values a beam's score is its reward sum_i mu_i beta_i sum_t log pi_r,i(y_t)
+    (accumulated, as GenARM's r), computed here teacher-forced with PEFT-merged models."""
+    from guidance.search import BeamSettings, beam_lookahead
+
+    store = engine.store
+    plan = build_plan(store, "explicit-ensemble", MU, "bone-soup")
+    prompt = prompt_ids(store)[0]
+    settings = BeamSettings(width=2, expansion=2, interval=3, seed=1)
+    ((tokens, score),) = beam_lookahead(store, plan, [prompt], 6, GAMMA, set(), settings)
+    specs = store.checked.manifest.guidance.explicit
+    ids = torch.tensor([prompt + tokens])
+    reward = 0.0
+    with torch.no_grad():
+        for w, spec in zip(MU.tolist(), specs, strict=True):
+            model = peft_merged(arm_store, [spec.path], [1.0])
+            logps = torch.log_softmax(model(ids).logits[0, len(prompt) - 1 : -1].float(), -1)
+            reward += w * spec.beta * float(logps.gather(1, torch.tensor(tokens)[:, None]).sum())
+    assert len(tokens) == 6
+    assert score == pytest.approx(reward, abs=1e-4)
