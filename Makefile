@@ -7,7 +7,7 @@ export MAGE_CACHE_DIR ?= $(CURDIR)/.cache
 export HF_HUB_OFFLINE = 1
 export TRANSFORMERS_OFFLINE = 1
 
-.PHONY: setup serve test lint bench
+.PHONY: setup serve test lint bench image
 
 setup:
 	@VENV=$(VENV) scripts/setup.sh
@@ -25,3 +25,8 @@ lint: setup
 
 bench: setup
 	$(VENV)/bin/python benchmarks/throughput.py --store $(STORE)
+
+# The CPU server image mage-server:cpu, offline where need be (scripts/build_image.sh):
+# BASE_IMAGE=python:3.11-slim for Docker Hub's base, TORCH_WHEELS=<folder> for a local wheel.
+image:
+	@scripts/build_image.sh
