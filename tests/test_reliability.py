@@ -15,8 +15,16 @@ import time
 import httpx
 import pytest
 
+import guidance.engine as engine_module
+from guidance.batch import Batch
 from guidance.engine import DEADLINE_PASSED, Engine, EngineConfig, EngineObserver, QueueFullError
-from guidance.requests import ErrorEvent, GenerationRequest, RequestHandle
+from guidance.requests import (
+    ErrorEvent,
+    GenerationRequest,
+    RequestHandle,
+    SamplingParams,
+    TokenEvent,
+)
 from model_store.loader import load_store
 from server.relay import submit_all
 from tests.common import make_request
@@ -296,3 +304,112 @@ def test_outcomes_and_gauges_add_up_after_fan_outs_and_refusals(loaded):
         assert metric(url, 'mage_requests_total{outcome="success"}') == 2
         assert metric(url, 'mage_requests_total{outcome="overloaded"}') == 1
         assert metric(url, "mage_requests_total") == 3
+
+
+# --- faults stay with the request they belong to ------------------------------------------
+
+
+def _same_as_alone(loaded, request, events) -> None:
+    alone = Engine(loaded).run_to_completion(request)
+    assert isinstance(events[-1], TokenEvent) and events[-1].details is not None, events[-1]
+    assert [e.id for e in events] == [e.id for e in alone]
+    assert [e.logprob for e in events] == pytest.approx([e.logprob for e in alone], abs=1e-4)
+
+
+def test_a_request_whose_sampling_breaks_fails_alone(loaded, monkeypatch):
+    """The batched guide-and-sample pass fails because of one request's row: that pass is
+    retried request by request, and only the request whose row breaks fails."""
+    original = engine_module.choose_tokens
+
+    def broken(scores, params, *args, **kwargs):
+        if any(p.top_k == 7 for p in params):
+            raise RuntimeError("injected sampling failure")
+        return original(scores, params, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "choose_tokens", broken)
+    bad = make_request(loaded, "Hi", sampling=SamplingParams(temperature=1.0, top_k=7, seed=1))
+    good = [make_request(loaded, p, mode=m) for p, m in (("Hi", "none"), ("Merge", "implicit"))]
+    results = Engine(loaded).run_all([good[0], bad, good[1]])
+    assert isinstance(results[1][-1], ErrorEvent) and "injected" in results[1][-1].message
+    monkeypatch.setattr(engine_module, "choose_tokens", original)
+    for request, events in zip(good, (results[0], results[2]), strict=True):
+        _same_as_alone(loaded, request, events)
+
+
+def test_a_failure_freeing_an_abandoned_prefill_harms_no_other_request(loaded, monkeypatch):
+    """Freeing the KV of a request abandoned mid-prefill raises: that is its own
+    bookkeeping, so the running request goes on as if alone and the engine drains to 0."""
+    original, failures = Batch.keep, []
+
+    def keep_failing_once(self, index):
+        if self.prefill_left and not failures:
+            failures.append(index)
+            raise RuntimeError("injected bookkeeping failure")
+        return original(self, index)
+
+    observer = Outcomes()
+    engine = Engine(loaded, EngineConfig(prefill_tokens=8), observer)
+    a = make_request(loaded, "Once upon a time", mode="none", max_new=20, name="a")
+    events: list[list] = [[], []]
+    engine.submit(RequestHandle(a, events[0].append, time.monotonic()))
+    while not engine.decoding:  # a's prompt is prefilled in chunks too
+        engine.step()
+    gone = RequestHandle(_long_request(loaded, 60), events[1].append, time.monotonic())
+    engine.submit(gone)
+    engine.step()
+    assert engine.prefilling is not None and engine.prefilling.prefill_left
+    monkeypatch.setattr(Batch, "keep", keep_failing_once)
+    gone.cancel()
+    while engine._busy():
+        engine.step()
+    monkeypatch.setattr(Batch, "keep", original)
+    assert failures == [[]] and events[1] == []
+    _same_as_alone(loaded, a, events[0])
+    assert sorted(observer.outcomes) == ["cancelled", "success"]
+    assert engine.running == engine.queue_size == engine.kv_bytes() == engine._accepted == 0
+
+
+def test_a_callback_that_raises_ends_only_its_own_request(loaded):
+    """The HTTP side's callback of one request raises: that request ends, the others go
+    on, and the engine's count of accepted requests returns to 0."""
+    requests = [make_request(loaded, "Hi", name=f"r{i}") for i in range(3)]
+    events: list[list] = [[], [], []]
+
+    def broken(event) -> None:
+        raise RuntimeError("injected callback failure")
+
+    engine = Engine(loaded)
+    for i, request in enumerate(requests):
+        engine.submit(RequestHandle(request, broken if i == 1 else events[i].append, 0.0))
+    while engine._busy():
+        engine.step()
+    for i in (0, 2):
+        _same_as_alone(loaded, requests[i], events[i])
+    assert engine._accepted == engine.running == 0
+
+
+def test_after_a_failed_shared_step_the_engine_serves_the_next_request(loaded, monkeypatch):
+    """A failure outside every per-request guard reaches the engine loop's catch-all: the
+    requests running then fail, and the engine thread carries on."""
+    engine = Engine(loaded)
+    original, failures = engine._forward, []
+
+    def forward_failing_once():
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("injected shared failure")
+        return original()
+
+    monkeypatch.setattr(engine, "_forward", forward_failing_once)
+    engine.start()
+    try:
+        first, second = [], []
+        request = make_request(loaded, "Hi", max_new=4)
+        engine.submit(RequestHandle(request, first.append, time.monotonic()))
+        assert wait_for(lambda: bool(first))
+        assert isinstance(first[-1], ErrorEvent) and "injected shared failure" in first[-1].message
+        engine.submit(RequestHandle(request, second.append, time.monotonic()))
+        assert wait_for(lambda: bool(second) and second[-1].details is not None)
+        _same_as_alone(loaded, request, second)
+    finally:
+        engine.stop()
