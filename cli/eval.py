@@ -15,6 +15,7 @@ def parse_preferences(text: str) -> tuple[tuple[float, ...], ...]:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from evaluation.oracle import OracleSettings
     from evaluation.run import METHODS, EvalConfig, preference_sweep, run_eval
     from guidance.search import BeamSettings
     from model_store.validate import check_store
@@ -54,6 +55,14 @@ def _eval(args: argparse.Namespace) -> int:
                 tuple(float(v) for v in args.hv_reference.split(",")) if args.hv_reference else None
             ),
             replicates=args.replicates,
+            oracle=OracleSettings(
+                samples=args.oracle_samples,
+                temperature=args.oracle_temperature,
+                candidates=args.oracle_candidates,
+                rollout=args.oracle_rollout,
+                interval=args.oracle_interval,
+                rollout_temperature=args.oracle_rollout_temperature,
+            ),
         )
         results = run_eval(config)
     except (StoreError, RewardError, ValueError) as exc:
@@ -102,4 +111,15 @@ def add_eval_command(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--beam-width", type=int, default=4, help="beam: b (beams kept)")
     ev.add_argument("--beam-expansion", type=int, default=1, help="beam: c (samples per beam)")
     ev.add_argument("--beam-interval", type=int, default=10, help="beam: l (tokens per chunk)")
+    oracle = ev.add_argument_group("oracles (oracle-bok, oracle-cd: guided by the true rewards)")
+    oracle.add_argument("--oracle-samples", type=int, default=8, help="bok: K (greedy + K-1)")
+    oracle.add_argument("--oracle-temperature", type=float, default=1.0, help="bok: samples' T")
+    oracle.add_argument("--oracle-candidates", type=int, default=4, help="cd: top-k tokens")
+    oracle.add_argument("--oracle-rollout", type=int, default=8, help="cd: L rollout tokens")
+    oracle.add_argument(
+        "--oracle-interval", type=int, default=4, help="cd: tokens committed per decision"
+    )
+    oracle.add_argument(
+        "--oracle-rollout-temperature", type=float, default=0.0, help="cd: 0 greedy rollouts"
+    )
     ev.set_defaults(func=_eval)

@@ -43,6 +43,9 @@ class EvalMethod:
     mu (the earlier weighting, kept as the `mage-i-mu` ablation)."""
     alpha: float | None = None
     """Eq. (13)'s alpha for this method instead of the store's (Bone Soup at alpha = 0)."""
+    oracle: str | None = None
+    """'best-of-k' or 'controlled': guided by the true rewards instead of a value model
+    (evaluation.oracle); decoded by evaluation.run, which has the rewards."""
 
 
 METHODS: dict[str, EvalMethod] = {
@@ -94,6 +97,18 @@ METHODS: dict[str, EvalMethod] = {
     ),
     "morlhf": EvalMethod("morlhf", "none", "Wu et al. 2023: the GRPO adapter trained on mu^T r~"),
     "modpo": EvalMethod("modpo", "none", "Zhou et al. 2024: the MODPO adapter trained for mu"),
+    "oracle-bok": EvalMethod(
+        "bone-soup",
+        "none",
+        "oracle: best of K Bone Soup answers by true mu^T r~",
+        oracle="best-of-k",
+    ),
+    "oracle-cd": EvalMethod(
+        "bone-soup",
+        "none",
+        "oracle: controlled decoding of Bone Soup, top-k tokens scored by true mu^T r~",
+        oracle="controlled",
+    ),
     **{
         f"beam-{name}": EvalMethod(
             "bone-soup", "implicit", f"Table 4: MAGE-I-M-{name}", beam=True, beam_settings=s
@@ -148,6 +163,8 @@ def generate_batch(
 ) -> list[list[int]]:
     """Generated token ids for each prompt under `method` at preference `mu`."""
     spec = METHODS[method]
+    if spec.oracle:
+        raise ValueError(f"{method} needs the true rewards: evaluation.oracle decodes it")
     plan = build_plan(
         store,
         spec.mode,

@@ -40,8 +40,8 @@ def _metrics(results: dict) -> list[str]:
         f" intervals: paired bootstrap over {results['prompts']} prompts, 95%.",
         "",
         "| method | gamma | HV [95% CI] | inner product | sparsity | spacing | front "
-        "| ctrl [95% CI] | ms/token | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| ctrl [95% CI] | ms/token | forwards/token | peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in results["metrics"].items():
         gamma = results["variants"][label]["gamma"]
@@ -50,7 +50,8 @@ def _metrics(results: dict) -> list[str]:
             f"| {label} | {gamma:g} | {m['hv']:.4f}{_ci(m.get('hv_ci'))} | "
             f"{m['inner_product']:.4f} | {m['sparsity']:.4f} | {m['spacing']:.4f} | "
             f"{m['front_length']} | {ctrl}"
-            f" | {_opt(m.get('ms_per_token'), '.1f')} | {_opt(m.get('peak_mib'), '.0f')} |"
+            f" | {_opt(m.get('ms_per_token'), '.1f')} | {_opt(m.get('forwards_per_token'), '.1f')}"
+            f" | {_opt(m.get('peak_mib'), '.0f')} |"
         )
     return lines
 

@@ -29,6 +29,7 @@ from evaluation.methods import (
     needs_preference_adapters,
 )
 from evaluation.metrics import chord_gaps, summarise_front
+from evaluation.oracle import OracleSettings, TrueReward, oracle_responses
 from evaluation.plot import plot_fronts
 from evaluation.report import markdown_table
 from evaluation.resources import PeakMemory
@@ -83,6 +84,8 @@ class EvalConfig:
     reward_scale.hv_reference (a store without one needs it given)."""
     replicates: int = 2000
     """Paired bootstrap replicates over prompts."""
+    oracle: OracleSettings = field(default_factory=OracleSettings)
+    """K, k, L and interval of the oracle-bok and oracle-cd methods (evaluation.oracle)."""
 
 
 def preference_sweep(n_objectives: int, steps: int | None = None) -> tuple[tuple[float, ...], ...]:
@@ -164,7 +167,6 @@ def _read_cache(path: Path) -> dict:
 
 def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str, dict]:
     """Fill the cache; returns the peak memory of each label that generated anything."""
-    eos = store.eos_ids
     ids = {p["id"]: encode_prompt(store.tokenizer, p["prompt"]) for p in prompts}
     total = sum(
         _key(m, g, mu, p["id"]) not in done
@@ -182,13 +184,9 @@ def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str,
                 for first in range(0, len(todo), cfg.batch_size):
                     chunk = todo[first : first + cfg.batch_size]
                     t0 = time.perf_counter()
-                    prompt_ids = [
-                        method_prompt_ids(store, method, mu, p["prompt"], ids[p["id"]])
-                        for p in chunk
-                    ]
-                    texts = generate_texts(store, method, mu, prompt_ids, cfg, eos, gamma)
+                    texts, extras = _generate_chunk(cfg, store, method, mu, chunk, ids, gamma)
                     share = (time.perf_counter() - t0) / len(chunk)
-                    for p, (text, tokens) in zip(chunk, texts, strict=True):
+                    for p, (text, tokens), extra in zip(chunk, texts, extras, strict=True):
                         row = {
                             "method": method,
                             "gamma": gamma,
@@ -198,6 +196,7 @@ def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str,
                             "response": text,
                             "tokens": tokens,
                             "seconds": round(share, 4),
+                            **extra,
                         }
                         cache.write(json.dumps(row) + "\n")
                         done[_key(method, gamma, mu, p["id"])] = row
@@ -209,6 +208,24 @@ def _generate_all(cfg, store, runs, prompts, done, cache, progress) -> dict[str,
             progress(f"{label}: {generated} responses, peak {peak.mib} MiB ({peak.kind})")
     bar.close()
     return memory
+
+
+def _generate_chunk(cfg, store, method, mu, chunk, ids, gamma) -> tuple[list, list[dict]]:
+    """(response, tokens) per prompt of the chunk, and each one's extra cache fields (an
+    oracle's score, cost and candidates)."""
+    prompt_ids = [method_prompt_ids(store, method, mu, p["prompt"], ids[p["id"]]) for p in chunk]
+    if not METHODS[method].oracle:
+        found = generate_texts(store, method, mu, prompt_ids, cfg, store.eos_ids, gamma)
+        return found, [{} for _ in chunk]
+    scale = RewardScale.from_manifest(store.checked.manifest)
+    reward = TrueReward(
+        tuple(cfg.rewards or store.objectives), scale or RewardScale.identity(store.n_objectives)
+    )
+    texts = [p["prompt"] for p in chunk]
+    answers = oracle_responses(
+        store, method, mu, prompt_ids, texts, reward, cfg.oracle, cfg.max_new_tokens
+    )
+    return [(a.text, len(a.tokens)) for a in answers], [a.record() for a in answers]
 
 
 def reference_point(store: LoadedStore, cfg: EvalConfig) -> tuple[np.ndarray, str]:
@@ -301,6 +318,9 @@ def score(
         seconds = sum(r.get("seconds", 0.0) for r in rows)
         summary[label]["ms_per_token"] = round(1000 * seconds / tokens, 3) if tokens else None
         summary[label]["tokens"] = tokens
+        if tokens and all("forwards" in r for r in rows):  # the oracles count their cost
+            for cost in ("forwards", "positions"):
+                summary[label][f"{cost}_per_token"] = round(sum(r[cost] for r in rows) / tokens, 2)
         summary[label]["seconds"] = round(seconds, 1)
     # lmc-* are diagnostics: they never move the reference, and take no part in the pairs
     compared = {k: v for k, v in scaled.items() if not runs[k][0].startswith("lmc-")}

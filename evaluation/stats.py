@@ -35,6 +35,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("mage-i-m", "mage-i"),
     ("mage-i-m", "mage-i-m-naive"),
     ("mage-i", "mage-i-mu"),
+    ("oracle-bok", "bone-soup"),
+    ("oracle-cd", "bone-soup"),
 )
 """The (a, b) pairs whose HV difference a - b the README discusses; beams are compared with
 greedy mage-i-m, and each method at its tuned gamma with itself at gamma = 1."""

@@ -166,3 +166,33 @@ class ConciseReward(BrevityReward):
 
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name, target_words=8, scale=8.0)
+
+
+_WORDS_RE = re.compile(r"[a-z0-9']+")
+
+
+def echo_share(prompt: str, response: str) -> float:
+    """Share of the response's word bigrams (lower-cased, counted with repeats) that also
+    occur in the prompt: 1 for an answer that only repeats the question, 0 for one that
+    copies no two consecutive words of it (and for a response of under two words)."""
+    asked = _WORDS_RE.findall(prompt.lower())
+    said = _WORDS_RE.findall(response.lower())
+    pairs = list(zip(said, said[1:], strict=False))
+    if not pairs:
+        return 0.0
+    seen = set(zip(asked, asked[1:], strict=False))
+    return sum(pair in seen for pair in pairs) / len(pairs)
+
+
+@register_reward("answer-relevance")
+class AnswerRelevanceReward(RelevanceReward):
+    """``relevance`` that cannot be won by echoing: cosine similarity of prompt and response
+    minus :func:`echo_share`, in [-2, 1]. The plain cosine reaches its ceiling (1) by
+    repeating the question, which is what a relevance specialist learns; this one scores a
+    verbatim echo near 0 and an answer that restates nothing at its cosine."""
+
+    name = "answer-relevance"
+
+    def _score(self, state: Any, prompts: list[str], responses: list[str]) -> list[float]:
+        cosine = super()._score(state, prompts, responses)
+        return [c - echo_share(p, r) for c, p, r in zip(cosine, prompts, responses, strict=True)]
