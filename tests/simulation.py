@@ -68,9 +68,14 @@ class Outcomes(EngineObserver):
 
     def __init__(self) -> None:
         self.counted: Counter[str] = Counter()
+        self.reused = 0
+        """Prompts that started from the prefix cache's KV."""
 
     def finished(self, outcome: str, seconds: float, generated: int, running: int) -> None:
         self.counted[outcome] += 1
+
+    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None:
+        self.reused += cached_tokens > 0
 
 
 @dataclass(eq=False)
@@ -121,6 +126,8 @@ def draw(store: LoadedStore, seed: int, clock: Clock) -> Schedule:
         max_running=rng.choice([1, 2, 3, 4]),
         prefill_tokens=rng.choice([6, 12, None]),
         kv_budget_tokens=rng.choice([None, None, 120, 300]),
+        prefix_cache_bytes=rng.choice([0, 1 << 20]),  # on: later prompts reuse cached KV
+        prefix_block_tokens=rng.choice([4, 8]),
         clock=clock,
     )
     vocab = len(store.tokenizer)
@@ -353,7 +360,8 @@ class AloneRuns:
 
 
 def run(store: LoadedStore, seeds: range, alone: AloneRuns | None = None) -> Counter[str]:
-    """Play and check every seed; the outcomes seen (for the caller's summary)."""
+    """Play and check every seed; the requests seen by outcome (`refused`: by overload), and
+    `prefix reused`: prompts that started from cached KV (for the caller's summary)."""
     alone = alone or AloneRuns(store)
     seen: Counter[str] = Counter()
     for seed in seeds:
@@ -361,4 +369,5 @@ def run(store: LoadedStore, seeds: range, alone: AloneRuns | None = None) -> Cou
         check(store, played, alone)
         for client in played.schedule.clients:
             seen[outcome_of(client) if client.accepted else "refused"] += 1
+        seen["prefix reused"] += played.outcomes.reused
     return seen
