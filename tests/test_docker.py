@@ -235,12 +235,14 @@ def metric(text: str, name: str) -> float:
 @pytest.fixture
 def container(image):
     name = f"mage-test-{os.getpid()}"
+    env = json.loads(docker("image", "inspect", "-f", "{{json .Config.Env}}", image))
+    home = next(e.split("=", 1)[1] for e in env if e.startswith("HOME="))
     docker(
         "run", "--detach", "--name", name,
         # deploy/kubernetes/deployment.yaml: read-only root, emptyDirs at /tmp and $HOME
         # (writable by the pod's user), every capability dropped, no privilege escalation.
         "--read-only", "--tmpfs", "/tmp",
-        "--tmpfs", f"/home/mage:uid={UID},gid={UID},mode=0700",
+        "--tmpfs", f"{home}:uid={UID},gid={UID},mode=0700",
         "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
         "--user", f"{UID}:{UID}",
         "--volume", f"{ROOT / 'demo' / 'store'}:/models/store:ro",
@@ -296,8 +298,9 @@ def test_container_serves_read_only_unprivileged_and_drains_on_sigterm(container
 
     def generate_long() -> None:
         long["answer"] = http(port, "/generate", {
-            "inputs": "Tell me a long story about a lighthouse keeper.",
-            "parameters": {"preference": [0.5, 0.5], "max_new_tokens": 96, "seed": 2},
+            "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
+            "parameters": {"preference": [0.5, 0.5], "max_new_tokens": 64, "do_sample": True,
+                           "temperature": 1.0, "seed": 2},
         })  # fmt: skip
 
     worker = threading.Thread(target=generate_long)
