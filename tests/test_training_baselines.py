@@ -49,6 +49,12 @@ def _store(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def untrained(tmp_path_factory) -> Path:
+    """The store before any baseline is trained (for the checks that need only its base)."""
+    return _store(tmp_path_factory.mktemp("untrained") / "store")
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """One store, trained for by all three commands (each writes its part of `baselines`)."""
     store = _store(tmp_path_factory.mktemp("baselines") / "store")
@@ -116,7 +122,9 @@ def test_morlhf_and_modpo_refuse_a_preference_they_were_not_trained_for(trained)
 
 def test_the_server_answers_merge_method_ric_with_the_tagged_prompt(trained):
     from model_store.loader import load_store
-    from server.translate import Prompt
+    from server.schemas import Steering
+    from server.settings import ServerSettings
+    from server.translate import Options, Prompt, build_request
     from server.translate import ric_prompt as server_ric_prompt
     from tests.http_server import running_server
 
@@ -127,6 +135,11 @@ def test_the_server_answers_merge_method_ric_with_the_tagged_prompt(trained):
     tagged = server_ric_prompt(Prompt(messages=[{"role": "user", "content": "Hi"}]), mu, store)
     expected = preference_prompt("Hi", [0.25, 0.75], spec.reward_low, spec.reward_high)
     assert tagged.messages == [{"role": "user", "content": expected}]
+    options = Options(steering=Steering(merge_method="ric", preference=[0.25, 0.75]))
+    request = build_request(Prompt(text="Hi"), options, store, ServerSettings())
+    assert (
+        list(request.prompt_ids) == store.tokenizer(expected, add_special_tokens=False)["input_ids"]
+    )
     body = {"inputs": "Hello", "parameters": {"merge_method": "ric", "max_new_tokens": 3}}
     with running_server(store, max_new_tokens=8) as url:
         answer = httpx.post(f"{url}/generate", json=body, timeout=60)
@@ -166,12 +179,12 @@ def test_ric_preference_to_reward_map():
         desired_rewards([0.0, 0.0], low, high)
 
 
-def test_ric_sft_puts_the_loss_on_the_response_only(trained):
+def test_ric_sft_puts_the_loss_on_the_response_only(untrained):
     from training.common import encode_prompt, load_base
     from training.ric import sft_rows
     from training.sampling import Sample
 
-    _, tokenizer = load_base(trained / "base")
+    _, tokenizer = load_base(untrained / "base")
     sample = Sample(0, "Hi", [], [5, 6, 7], "abc", True)
     (row,) = sft_rows(tokenizer, [sample], torch.tensor([[0.26, -1.0]]).numpy())
     prompt = encode_prompt(tokenizer, "Hi <rm1_score> 0.3 <rm2_score> -1.0")
@@ -190,7 +203,7 @@ def test_modpo_loss_by_hand():
     assert loss.item() == pytest.approx(math.log1p(math.exp(-logits)), rel=1e-6)
 
 
-def test_modpo_through_trl_equals_the_modpo_loss(trained, tmp_path):
+def test_modpo_through_trl_equals_the_modpo_loss(untrained, tmp_path):
     """TRL's DPO loss at beta / w_k over margin-shifted precomputed references is MODPO's: at
     the start (policy = reference) the loss is -log sigmoid(-(m_w - m_l) / w_k) per pair, and
     the references are the base's log-probabilities plus margin / beta."""
@@ -204,10 +217,10 @@ def test_modpo_through_trl_equals_the_modpo_loss(trained, tmp_path):
         {"prompt_ids": [10], "chosen_ids": [11, 0], "rejected_ids": [12, 13, 0],
          "chosen_margin": -1.2, "rejected_margin": 0.4},
     ]  # fmt: skip
-    run = FineTuneRun(store=trained, batch_size=2, progress=False, device="cpu")
+    run = FineTuneRun(store=untrained, batch_size=2, progress=False, device="cpu")
     config = ModpoConfig(run=run, beta=0.5)
     w_k = 0.4
-    trainer = _trainer(config, trained / "base", rows, w_k, tmp_path, RunLog(tmp_path))
+    trainer = _trainer(config, untrained / "base", rows, w_k, tmp_path, RunLog(tmp_path))
     data = trainer.train_dataset
     base = trainer.model
     with torch.no_grad(), base.disable_adapter():
