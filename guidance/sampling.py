@@ -87,6 +87,7 @@ def warp(logprobs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         before = probs.cumsum(-1) - probs  # mass of the strictly better tokens
         # Keep the smallest set whose mass reaches top_p; the best token always stays.
         drop = before >= torch.tensor(top_p, device=device)[:, None]
+        drop[:, 0] = False  # also when top_p underflows to 0 in float32 (5e-324 is "> 0")
         scores = scores.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), -torch.inf)
     typical = [p.typical_p if p.typical_p is not None else 1.0 for p in params]
     if min(typical) < 1.0:

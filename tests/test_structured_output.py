@@ -131,6 +131,16 @@ def test_logprobs_and_alternatives_are_of_the_constrained_distribution(store):
         assert event.logprob == max(t.logprob for t in event.top_tokens)  # greedy
 
 
+def test_a_vanishing_top_p_still_keeps_an_allowed_token(store):
+    """top_p = 5e-324 is > 0 as the schema asks, but 0 in float32: the best token must still
+    stay, or the row draws from nothing and takes token 0 (EOS here), which the grammar
+    forbids (the fuzz test found it)."""
+    params = SamplingParams(temperature=1.0, top_k=4, top_p=5e-324, typical_p=5e-324, seed=0)
+    request = constrained(store, GrammarSpec("json", {}), sampling=params, max_new=3)
+    last = finished(Engine(store).run_to_completion(request))
+    assert last.generated_text and last.details["finish_reason"] in ("length", "eos_token")
+
+
 def test_a_length_limited_output_is_a_prefix_of_valid_json(store):
     request = constrained(store, GrammarSpec("json", SCHEMAS[2]), max_new=4)
     last = finished(Engine(store).run_to_completion(request))
