@@ -65,6 +65,7 @@ SEMANTIC_422 = (
     "`messages` could not be rendered",  # the chat template's own rules (role order)
     "`messages` must have at most",  # total characters over all messages
     "`adapter_id`",  # objective names, modes and merge methods it names depend on the store
+    "is not a usable",  # a grammar / response_format schema or regex the compiler refuses
 )
 """What a schema-valid body may still get a 422 for: things the schema cannot know."""
 
