@@ -191,6 +191,7 @@ def _service_routes(app: FastAPI, state: ServingState, gateway: Gateway) -> None
                 "request_timeout_s": settings.request_timeout_s,
                 "max_body_bytes": settings.max_body_bytes,
                 "merge_cache_mb": settings.merge_cache_mb,
+                "prefix_cache_mb": settings.prefix_cache_mb,
                 "kv_cache_tokens": engine.config.kv_budget_tokens,
                 "prefill_tokens": settings.prefill_tokens,
             },
