@@ -299,9 +299,9 @@ def test_container_serves_read_only_unprivileged_and_drains_on_sigterm(container
     def generate_long() -> None:
         long["answer"] = http(port, "/generate", {
             "messages": [{"role": "user", "content": "Tell me a long story about a lighthouse."}],
-            "parameters": {"preference": [0.5, 0.5], "max_new_tokens": 64, "do_sample": True,
+            "parameters": {"preference": [0.5, 0.5], "max_new_tokens": 24, "do_sample": True,
                            "temperature": 1.0, "seed": 2},
-        })  # fmt: skip
+        }, timeout=900)  # fmt: skip
 
     worker = threading.Thread(target=generate_long)
     worker.start()
@@ -310,8 +310,9 @@ def test_container_serves_read_only_unprivileged_and_drains_on_sigterm(container
         assert worker.is_alive() and time.monotonic() < deadline, long
         time.sleep(0.2)
     assert worker.is_alive()
-    docker("stop", "--time", "300", name, timeout=360)  # SIGTERM; SIGKILL only after 300 s
-    worker.join(timeout=30)
+    # SIGTERM; SIGKILL only after 900 s (a shared CI machine can be slow; the drain is not).
+    docker("stop", "--time", "900", name, timeout=960)
+    worker.join(timeout=60)
     status, body = long["answer"]
     assert status == 200, body
     details = json.loads(body)["details"]
