@@ -66,6 +66,7 @@ SEMANTIC_422 = (
     "`messages` must have at most",  # total characters over all messages
     "`adapter_id`",  # objective names, modes and merge methods it names depend on the store
     "is not a usable",  # a grammar / response_format schema or regex the compiler refuses
+    "`top_logprobs` needs `logprobs`",  # a rule across two fields (OpenAI's own)
 )
 """What a schema-valid body may still get a 422 for: things the schema cannot know."""
 
