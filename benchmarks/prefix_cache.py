@@ -128,7 +128,7 @@ def main() -> None:
             name = "cached" if cached else "uncached"
             row[f"{name}_ttft_mean_s"] = statistics.fmean(ttft)
             row[f"{name}_ttft_max_s"] = max(ttft)
-            row["history_tokens"] = statistics.fmean(len(r.prompt_ids) for r in fifth)
+            row["prompt_tokens"] = statistics.fmean(len(r.prompt_ids) for r in fifth)
             if cached:
                 row["cached_tokens"] = statistics.fmean(d["cached_tokens"] for d in details)
                 row["cache_bytes"] = engine.prefix_cache.used_bytes
@@ -142,7 +142,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['conversations']} | {r['history_tokens']:.0f} | {r['cached_tokens']:.0f} "
+            f"| {r['conversations']} | {r['prompt_tokens']:.0f} | {r['cached_tokens']:.0f} "
             f"| {r['uncached_ttft_mean_s']:.3f} / {r['uncached_ttft_max_s']:.3f} s "
             f"| {r['cached_ttft_mean_s']:.3f} / {r['cached_ttft_max_s']:.3f} s "
             f"| {r['speedup_mean']:.1f}x / {r['speedup_max']:.1f}x |"
