@@ -62,6 +62,7 @@ SEMANTIC_422 = (
     "tokens",  # the prompt, counted in tokens, or with max_new_tokens past the context
     "not available in this store",  # a guidance mode the store lacks
     "Rewarded-Soup specialists",  # merge_method rewarded-soup on a store without them
+    "Rewards-in-Context adapter",  # merge_method ric on a store without one
     "`messages` could not be rendered",  # the chat template's own rules (role order)
     "`messages` must have at most",  # total characters over all messages
     "`adapter_id`",  # objective names, modes and merge methods it names depend on the store
