@@ -11,6 +11,11 @@ Faults stay with the request that caused them: admission, planning and emission 
 that request; a failed shared prefill is retried one request at a time; a failed decode
 forward fails the requests in it and the engine carries on. `health()` tells the probes
 when the engine thread itself is gone or stuck.
+
+The engine is the lifecycle, the queue and the step; the rules it applies live beside it:
+admitting and grouping requests in guidance.admission, turning picks into events in
+guidance.emission, a preference changed mid-request in guidance.steering, its limits and
+metrics hooks in guidance.engine_config.
 """
 
 from __future__ import annotations
@@ -22,30 +27,32 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
+from guidance.admission import DEADLINE_PASSED, Admission, abandonment
 from guidance.batch import Batch
 from guidance.constrain import allowed_tokens
-from guidance.detokenize import IncrementalDetokenizer
+from guidance.emission import Emitter
+from guidance.engine_config import EngineConfig, EngineObserver
 from guidance.kv import return_free_memory
 from guidance.plan import DecodePlan, build_plan, round_preference
 from guidance.plan_cache import MergeCache
-from guidance.prefix_cache import CachedPrefix, PrefixCache
-from guidance.requests import (
-    ErrorEvent,
-    Event,
-    GenerationRequest,
-    RequestHandle,
-    TokenEvent,
-    TopToken,
-)
+from guidance.prefix_cache import PrefixCache
+from guidance.requests import ErrorEvent, Event, GenerationRequest, RequestHandle, TokenEvent
 from guidance.sampling import Pick, choose_tokens
 from guidance.sequence import Sequence
 from guidance.steering import apply_change
 from model_store.loader import LoadedStore
 
+__all__ = [
+    "DEADLINE_PASSED",
+    "Engine",
+    "EngineConfig",
+    "EngineObserver",
+    "EngineUnavailableError",
+    "QueueFullError",
+]
 log = logging.getLogger("mage.engine")
 SWITCH_INTERVAL_S = 0.0005
 """GIL switch interval while an engine thread runs (see Engine.start)."""
@@ -62,67 +69,11 @@ class EngineUnavailableError(Exception):
     """The engine thread is gone or stuck; the caller should answer 503."""
 
 
-class EngineObserver:
-    """Hooks for metrics; the default does nothing."""
-
-    def queued(self, size: int) -> None: ...
-    def admitted(self, queue_seconds: float, running: int) -> None: ...
-    def token(self, seconds_since_last: float, first: bool) -> None: ...
-    def finished(self, outcome: str, seconds: float, generated: int, running: int) -> None: ...
-    def merge(self, seconds: float) -> None: ...
-    def cache_event(self, event: str) -> None: ...
-    def prefix_lookup(self, prompt_tokens: int, cached_tokens: int) -> None: ...
-    def prefix_evicted(self, blocks: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Limits of one engine."""
-
-    max_queue: int = 64
-    """Requests waiting beyond the running ones; past max_queue + max_running, 429."""
-    max_running: int = 16
-    """Requests prefilling or decoding at once (one batch)."""
-    kv_budget_tokens: int | None = None
-    """KV token-rows the batch may hold (rows x longest prompt + max_new_tokens, since the
-    batch is padded to its longest sequence); None: unbounded."""
-    prefill_tokens: int | None = 512
-    """Prompt token-rows prefilled per step, so a long prompt cannot stall running streams
-    (chunked prefill); None: a whole group at once (offline use)."""
-    cache_budget_bytes: int = 256 << 20
-    """Byte budget of the per-preference merge cache."""
-    stall_timeout_s: float = 120.0
-    """With work waiting, no completed loop for this long makes `health()` report a stall."""
-    prefix_cache_bytes: int = 0
-    """Byte budget of the prefix cache (guidance.prefix_cache), on the model's device; 0:
-    off (offline use computes every prompt afresh)."""
-    prefix_block_tokens: int = 16
-    """Tokens per prefix-cache block: prompts are reused in whole blocks."""
-    clock: Callable[[], float] = time.monotonic
-    """The time deadlines, submissions and token latencies are read in (`deadline` of a
-    request is in its units); tests step an explicit clock. Health and memory trimming keep
-    real time."""
-
-
-DEADLINE_PASSED = "request exceeded its deadline"
-
-
-def _abandonment(handle: RequestHandle, now: float) -> tuple[str, ErrorEvent | None] | None:
-    """(outcome, final event) if the request was cancelled or passed its deadline, else
-    None: the one rule for queued, admitted and running requests alike."""
-    if handle.cancelled.is_set():
-        return "cancelled", None
-    deadline = handle.request.deadline
-    if deadline is not None and now > deadline:
-        return "timeout", ErrorEvent(DEADLINE_PASSED, "timeout")
-    return None
-
-
 def _done(events: list[Event]) -> bool:
     return bool(events) and (isinstance(events[-1], ErrorEvent) or events[-1].details is not None)
 
 
-class Engine:
+class Engine(Admission):
     """Runs generation for every request on one thread, all running requests per step."""
 
     def __init__(
@@ -132,7 +83,8 @@ class Engine:
         observer: EngineObserver | None = None,
     ):
         self.store, self.config = store, config or EngineConfig()
-        self.observer = observer or EngineObserver()
+        # Emitting reads the metrics hooks and EOS set there (see the properties below).
+        self.emitter = Emitter(store, self.config.clock, observer or EngineObserver(), self._finish)
         self.plans = MergeCache(self.config.cache_budget_bytes, on_event=self.observer.cache_event)
         self.prefix_cache = (
             PrefixCache(
@@ -148,8 +100,6 @@ class Engine:
         self._kv_plans: weakref.WeakKeyDictionary[Sequence, DecodePlan] = (
             weakref.WeakKeyDictionary()
         )
-        self.special_ids = set(store.tokenizer.all_special_ids)
-        self.eos_ids = store.eos_ids
         self.waiting: deque[RequestHandle] = deque()
         self.decoding = Batch(store)
         self.prefilling: Batch | None = None
@@ -163,6 +113,24 @@ class Engine:
         self._stop = threading.Event()
         self.heartbeat = time.monotonic()
         self._thread = threading.Thread(target=self._loop, name="mage-engine", daemon=True)
+
+    @property
+    def observer(self) -> EngineObserver:
+        """The metrics hooks; replaceable while the engine runs (tests wrap them)."""
+        return self.emitter.observer
+
+    @observer.setter
+    def observer(self, observer: EngineObserver) -> None:
+        self.emitter.observer = observer
+
+    @property
+    def eos_ids(self) -> set[int]:
+        """Tokens that end a request (unless it ignores EOS); tests widen the set."""
+        return self.emitter.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: set[int]) -> None:
+        self.emitter.eos_ids = ids
 
     # --- lifecycle and the HTTP side ------------------------------------------------------
     def start(self) -> None:
@@ -266,26 +234,21 @@ class Engine:
 
     # --- the step: schedule -> forward -> guide -> constrain -> sample -> emit ---------------
     def step(self) -> None:
+        """One step over every running sequence at once (nano-vllm's LLMEngine.step)."""
         self._schedule()
-        ready = self._forward()
+        ready = self._forward()  # [(batch, its forward's outputs)]: decoding, prefilled
         members = [seq for batch, _ in ready for seq in batch.members]
         if members:
             try:
                 scores = torch.cat([batch.scores(out) for batch, out in ready])  # Eq. (25)
                 allowed = allowed_tokens([s.constraint for s in members], scores)  # grammars
-                picks = choose_tokens(
-                    scores,
-                    [s.sampling for s in members],
-                    [s.generator for s in members],
-                    [s.seen for s in members],
-                    allowed,
-                )
+                picks = _sample(members, scores, allowed)
             except Exception:  # find the rows that break: only their requests fail
                 log.exception("guidance or sampling failed; retrying request by request")
                 self._pick_alone(ready)
             else:
                 for seq, pick in zip(members, picks, strict=True):
-                    self._emit(seq, pick)
+                    self.emitter.emit(seq, pick)
         self._settle(prefilled=any(batch is self.prefilling for batch, _ in ready))
 
     def _pick_alone(self, ready: list[tuple[Batch, torch.Tensor]]) -> None:
@@ -301,14 +264,11 @@ class Engine:
             for row, seq in enumerate(batch.members):
                 try:
                     one = scores[row : row + 1]
-                    allowed = allowed_tokens([seq.constraint], one)
-                    (pick,) = choose_tokens(
-                        one, [seq.sampling], [seq.generator], [seq.seen], allowed
-                    )
+                    (pick,) = _sample([seq], one, allowed_tokens([seq.constraint], one))
                 except Exception as exc:
                     self._fail([seq], f"sampling failed: {exc}")
                 else:
-                    self._emit(seq, pick)
+                    self.emitter.emit(seq, pick)
 
     def _schedule(self) -> None:
         """Drop abandoned requests, queued or running, then start the next prefill group if
@@ -413,76 +373,7 @@ class Engine:
                 self._fail(alive, f"batched KV bookkeeping failed: {exc}")
                 self.decoding = Batch(self.store)
 
-    # --- admission ----------------------------------------------------------------------
-    def _expire_waiting(self) -> None:
-        """Finish queued requests that were cancelled or passed their deadline while waiting,
-        so they leave the queue (and mage_queue_size, the autoscaler's signal) at once
-        instead of when a slot frees up, and get their answer from the engine."""
-        now = self.config.clock()
-        with self._lock:
-            expired = [(h, ended) for h in self.waiting if (ended := _abandonment(h, now))]
-            if not expired:
-                return
-            gone = {id(h) for h, _ in expired}
-            self.waiting = deque(h for h in self.waiting if id(h) not in gone)
-        for handle, (outcome, event) in expired:
-            self._finish_handle(handle, outcome, event)
-
-    def _next_group(self) -> Batch | None:
-        while self._retry:
-            seq = self._retry.popleft()
-            self._check_abandoned(seq)
-            if not seq.finished:
-                return self._open([seq])
-        group: list[Sequence] = []
-        while len(self.decoding) + len(group) < self.config.max_running:
-            seq, self._held = self._held or self._prepare_next(), None
-            if seq is None:
-                break
-            self._check_abandoned(seq)
-            if seq.finished:
-                continue
-            if not self._fits(group, seq):
-                if not group and not self.decoding:
-                    budget = self.config.kv_budget_tokens
-                    message = (
-                        f"prompt tokens + max_new_tokens times the {seq.kv_rows} rows of mode "
-                        f"{seq.plan.mode!r} exceed the server's KV budget of {budget} tokens"
-                    )
-                    self._finish(seq, "validation", ErrorEvent(message, "validation"))
-                    continue
-                self._held = seq
-                break
-            prefix = self._cached_prefix(seq)
-            if prefix is not None:  # prefilled in a group of its own, from the cached KV
-                if group:
-                    self._held = seq
-                    break
-                return self._open([seq], prefix)
-            group.append(seq)
-        return self._open(group) if group else None
-
-    def _open(self, group: list[Sequence], prefix: CachedPrefix | None = None) -> Batch | None:
-        """The group's prefill batch; if building it fails, its requests start over one by
-        one (the one that fails alone fails; one restored from the cache, without it)."""
-        try:
-            return self._start(group, prefix)
-        except Exception as exc:
-            if prefix is not None:
-                log.exception("restoring a cached prefix failed; prefilling it afresh")
-                self._retry.extend(group)
-                return None
-            self._retry_alone(group, "prefill", exc)
-            return None
-
-    # --- prefix cache (guidance.prefix_cache) ------------------------------------------------
-    def _cached_prefix(self, seq: Sequence) -> CachedPrefix | None:
-        """The request's longest cached prefix, unless it asks for every prompt token's
-        log-probability (computed by the prefill only)."""
-        if self.prefix_cache is None or seq.prefill_logprobs is not None:
-            return None
-        return self.prefix_cache.lookup(seq.plan, seq.request.prompt_ids)
-
+    # --- prefix cache (guidance.prefix_cache) and merge cache (guidance.plan_cache) ------------
     def _store_prefixes(self, batch: Batch, finished: bool) -> None:
         """Cache the KV of the prompts a group just prefilled, or of the finished requests
         (prompt and answer: a chat's next turn starts with them); a failure here costs
@@ -494,79 +385,6 @@ class Engine:
             self.prefix_cache.store(batch, members, self._kv_plans)
         except Exception:
             log.exception("storing KV in the prefix cache failed")
-
-    def _fits(self, group: list[Sequence], seq: Sequence) -> bool:
-        members = [*group, seq]
-        budget = self.config.prefill_tokens
-        longest_prompt = max(len(s.request.prompt_ids) for s in members)
-        if (
-            group
-            and budget is not None
-            and sum(s.kv_rows for s in members) * longest_prompt > budget
-        ):
-            return False
-        kv = self.config.kv_budget_tokens
-        if kv is None:
-            return True
-        everyone = [*self.decoding.members, *members]
-        longest = max(len(s.request.prompt_ids) + s.request.max_new_tokens for s in everyone)
-        return sum(s.kv_rows for s in everyone) * longest <= kv
-
-    def _start(self, group: list[Sequence], prefix: CachedPrefix | None = None) -> Batch:
-        batch = Batch(self.store)
-        cached = 0 if prefix is None else prefix.tokens
-        batch.start(group, [list(seq.request.prompt_ids[cached:]) for seq in group], prefix)
-        self._kv_plans.update((seq, seq.plan) for seq in group)
-        now = self.config.clock()
-        for seq in group:
-            seq.cached_tokens = cached
-            if self.prefix_cache is not None:
-                self.observer.prefix_lookup(len(seq.request.prompt_ids), cached)
-            seq.last_token_at = now
-            self.observer.admitted(now - seq.handle.submitted_at, self.running + 1)
-        return batch
-
-    def _prepare_next(self) -> Sequence | None:
-        """The next waiting request made ready to prefill, or None when none is left."""
-        while True:
-            with self._lock:
-                if not self.waiting:
-                    return None
-                handle = self.waiting.popleft()
-            try:
-                seq = self._prepare(handle)
-            except ValueError as exc:
-                self._finish_handle(handle, "validation", ErrorEvent(str(exc), "validation"))
-                continue
-            except Exception as exc:  # any other fault stays with this request
-                log.exception("admission failed for %s", handle.request.request_id)
-                message = f"admission failed: {exc}"
-                self._finish_handle(handle, "error", ErrorEvent(message, "generation"))
-                continue
-            if seq is not None:
-                return seq
-
-    def _prepare(self, handle: RequestHandle) -> Sequence | None:
-        request = handle.request
-        if ended := _abandonment(handle, self.config.clock()):
-            self._finish_handle(handle, *ended)
-            return None
-        plan, hit = (request.plan, False) if request.plan is not None else self._plan_for(request)
-        seed, generator = request.sampling.seed, None
-        if not request.sampling.greedy:
-            seed = seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-            generator = torch.Generator(device=self.store.device).manual_seed(seed)
-        detok = IncrementalDetokenizer(self.store.tokenizer)
-        seq = Sequence(handle, plan, hit, detok, generator, seed, list(request.prompt_ids))
-        seq.constraint = request.grammar.start() if request.grammar is not None else None
-        if request.sampling.repetition_penalty != 1.0:
-            vocab = self.store.model.get_output_embeddings().weight.shape[0]
-            seq.seen = torch.zeros(vocab, dtype=torch.bool, device=self.store.device)
-            seq.seen[torch.tensor(seq.ids, dtype=torch.long, device=self.store.device)] = True
-        if request.prompt_logprobs:
-            seq.prefill_logprobs = []
-        self._change_preference(seq)  # changed while queued: decodes under it from the start
-        return seq
 
     def _plan_for(
         self, request: GenerationRequest, mu: torch.Tensor | None = None
@@ -585,76 +403,10 @@ class Engine:
         self.observer.merge(time.perf_counter() - started)
         return plan, hit
 
-    # --- emit and finish --------------------------------------------------------------------
+    # --- finish (emitting is guidance.emission) ---------------------------------------------
     def _check_abandoned(self, seq: Sequence) -> None:
-        if not seq.finished and (ended := _abandonment(seq.handle, self.config.clock())):
+        if not seq.finished and (ended := abandonment(seq.handle, self.config.clock())):
             self._finish(seq, *ended)
-
-    def _emit(self, seq: Sequence, pick: Pick) -> None:
-        if seq.finished:
-            return
-        if not pick.finite:
-            message = (
-                "the guided scores log pi + gamma V are not finite (NaN or infinity); "
-                "try a smaller guidance.gamma"
-            )
-            self._finish(seq, "error", ErrorEvent(message, "generation"))
-            return
-        try:
-            self._emit_token(seq, pick)
-        except Exception as exc:
-            log.exception("emitting failed for %s", seq.request.request_id)
-            self._finish(seq, "error", ErrorEvent(f"generation failed: {exc}", "generation"))
-
-    def _emit_token(self, seq: Sequence, pick: Pick) -> None:
-        now = self.config.clock()
-        self.observer.token(now - seq.last_token_at, first=seq.generated == 0)
-        seq.last_token_at = now
-        token, logprob = pick.token, pick.logprob
-        seq.ids.append(token)
-        seq.generated += 1
-        if seq.seen is not None:
-            seq.seen[token] = True
-        if seq.constraint is not None:
-            seq.constraint.advance(token)
-        special = token in self.special_ids
-        text = (
-            self.store.tokenizer.convert_ids_to_tokens(token) if special else seq.detok.push(token)
-        )
-        top = tuple(self._top_token(i, lp) for i, lp in pick.top)
-        reason = self._finish_reason(seq, token, len(text))
-        if reason is None:
-            seq.handle.on_event(TokenEvent(token, text, logprob, special, top_tokens=top))
-            return
-        if not special:
-            text += seq.detok.flush()
-        details = seq.details(reason, self._token_text)
-        event = TokenEvent(token, text, logprob, special, seq.detok.text, details, top)
-        self._finish(seq, "success", event)
-
-    def _top_token(self, token: int, logprob: float) -> TopToken:
-        text, special = self._token_text(token)
-        return TopToken(token, text, logprob, special)
-
-    def _token_text(self, token: int) -> tuple[str, bool]:
-        """A token's text on its own (alternatives and prompt tokens), and whether special."""
-        if token in self.special_ids:
-            return self.store.tokenizer.convert_ids_to_tokens(token), True
-        return self.store.tokenizer.decode([token]), False
-
-    def _finish_reason(self, seq: Sequence, token: int, new_chars: int) -> str | None:
-        if token in self.eos_ids and not seq.request.ignore_eos:
-            return "eos_token"
-        if seq.constraint is not None and seq.constraint.complete:
-            return "eos_token"  # the grammar takes nothing more: as if EOS came (TGI, vLLM)
-        # Only text that includes the new characters can hold a stop sequence not seen before.
-        longest = max((len(s) for s in seq.request.stop), default=0)
-        tail = seq.detok.text[-(longest + new_chars) :] if new_chars else ""
-        if any(stop in tail for stop in seq.request.stop):
-            return "stop_sequence"
-        if seq.generated >= seq.request.max_new_tokens:
-            return "length"
-        return None
 
     def _fail(self, members: list[Sequence], message: str) -> None:
         for seq in members:
@@ -689,3 +441,12 @@ class Engine:
         if handle.settle():  # counted once, even if the HTTP layer gave up on it first
             elapsed = self.config.clock() - handle.submitted_at
             self.observer.finished(outcome, elapsed, generated, self.running)
+
+
+def _sample(
+    members: list[Sequence], scores: torch.Tensor, allowed: torch.Tensor | None
+) -> list[Pick]:
+    """Each member's token from its row of guided scores (members, vocab), with its own
+    sampling parameters, RNG, seen-token mask and grammar mask."""
+    generators, seen = [s.generator for s in members], [s.seen for s in members]
+    return choose_tokens(scores, [s.sampling for s in members], generators, seen, allowed)
