@@ -42,6 +42,7 @@ from evaluation.stats import (
 )
 from guidance.search import BeamSettings
 from model_store.loader import LoadedStore, load_store
+from objectives.preferences import preference_sweep
 from objectives.prompts import load_prompts
 from objectives.rewards import get_reward
 from objectives.scale import RewardScale
@@ -86,25 +87,6 @@ class EvalConfig:
     """Paired bootstrap replicates over prompts."""
     oracle: OracleSettings = field(default_factory=OracleSettings)
     """K, k, L and interval of the oracle-bok and oracle-cd methods (evaluation.oracle)."""
-
-
-def preference_sweep(n_objectives: int, steps: int | None = None) -> tuple[tuple[float, ...], ...]:
-    """(1, 0), (0.9, 0.1), ..., (0, 1) for two objectives (steps 10); the simplex grid of
-    step 1/steps otherwise (default 4: 15 points for three objectives)."""
-    steps = steps or (10 if n_objectives == 2 else 4)
-    if n_objectives == 2:
-        return tuple((round(1 - i / steps, 6), round(i / steps, 6)) for i in range(steps + 1))
-    grid = []
-
-    def fill(prefix: list[int], left: int, slots: int) -> None:
-        if slots == 1:
-            grid.append(tuple(round(v / steps, 6) for v in [*prefix, left]))
-            return
-        for v in range(left, -1, -1):
-            fill([*prefix, v], left - v, slots - 1)
-
-    fill([], steps, n_objectives)
-    return tuple(grid)
 
 
 def method_gamma(store: LoadedStore, method: str, fixed: float | None = None) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from objectives.preferences import preference_sweep
 from objectives.scale import RewardScale
 from training.common import TrainingError, load_base, pick_device, prompt_texts, seed_everything
 from training.runs import LoraSettings, lora_config, trainer_args
@@ -49,8 +50,6 @@ def store_task(store: Path, rewards: list[str] | None = None) -> StoreTask:
 
 def preference_grid(n: int, steps: int | None = None) -> tuple[tuple[float, ...], ...]:
     """The evaluation's preference sweep (both ends included): mage eval's own grid."""
-    from evaluation.run import preference_sweep
-
     return preference_sweep(n, steps)
 
 
