@@ -135,11 +135,13 @@ def test_a_finished_answer_is_cached_for_the_next_turn(tiny, mode):
 
 def test_the_whole_prompt_is_never_served_from_the_cache(tiny):
     engine = _engine(tiny)
-    _run(engine, tiny, TURN)
-    again, details = _run(engine, tiny, TURN)
-    prompt = len(tiny.tokenizer(TURN, add_special_tokens=False)["input_ids"])
-    assert 0 < details["cached_tokens"] < prompt  # the last token is always recomputed
-    _assert_same(again, _run(Engine(tiny), tiny, TURN)[0])
+    request = make_request(tiny, TURN, max_new=6)
+    whole = len(request.prompt_ids) // BLOCK * BLOCK  # every token in a whole block
+    request = dataclasses.replace(request, prompt_ids=request.prompt_ids[:whole])
+    engine.run_to_completion(request)
+    again = engine.run_to_completion(request)
+    assert again[-1].details["cached_tokens"] == whole - BLOCK  # the last token is recomputed
+    _assert_same(again, Engine(tiny).run_to_completion(request))
 
 
 @pytest.mark.parametrize(
