@@ -255,6 +255,7 @@ def test_openapi_describes_the_accepted_bodies_and_answers(server):
         "bone-soup",
         "rewarded-soup",
         "direct",
+        "ric",
     ]
     assert "description" in parameters["seed"]  # docstrings reach the schema
     guidance = schemas["GuidanceParameters"]["properties"]
