@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
 from model_store.loader import load_store
+from tests.browser import chromium
 from tests.common import build_tiny_store
 from tests.http_server import running_server
 
@@ -54,3 +56,14 @@ def client_url(tiny_store):
     """A live server on the tiny store (16 new tokens at most), for the client tests."""
     with running_server(load_store(tiny_store, "cpu", "float32"), max_new_tokens=16) as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """One headless Chromium per test module (skips, saying why, without one)."""
+    with tempfile.TemporaryDirectory(prefix="mage-chromium-") as profile:
+        driver = chromium(profile)
+        try:
+            yield driver
+        finally:
+            driver.quit()

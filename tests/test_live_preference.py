@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,6 @@ from model_store.loader import load_store
 from model_store.value_head import load_value_head
 from tests.http_server import serving
 from tests.test_batch import peft_merged
-from tests.test_playground import chromium
 
 KEYS = ["key-one", "key-two"]
 
@@ -444,16 +442,6 @@ def test_a_mode_that_cannot_change_is_a_409(standalone_store):
             assert pending.result().status_code == 200
     assert refused.status_code == 409
     assert "explicit-ensemble" in refused.json()["error"]["message"]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with tempfile.TemporaryDirectory(prefix="mage-chromium-") as profile:
-        driver = chromium(profile)
-        try:
-            yield driver
-        finally:
-            driver.quit()
 
 
 def test_the_playground_sliders_steer_a_streaming_answer_in_chromium(tiny_store, browser):

@@ -4,9 +4,6 @@ compares preferences side by side."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-
 import httpx
 import pytest
 
@@ -14,54 +11,12 @@ from model_store.loader import load_store
 from tests.common import build_tiny_store
 from tests.http_server import running_server
 
-BROWSERS = ("chromium", "chromium-browser", "google-chrome")
-DRIVERS = ("chromedriver",)
-FLAGS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-)
-
-
-def find(names: tuple[str, ...]) -> str | None:
-    return next((path for name in names if (path := shutil.which(name))), None)
-
-
-def chromium(user_data_dir: str):
-    """Headless Chromium through selenium and chromedriver, or a skip saying what is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
-    browser, driver = find(BROWSERS), find(DRIVERS)
-    if browser is None or driver is None:
-        pytest.skip(
-            "no browser: install Debian's chromium and chromium-driver "
-            "(apt-get install -y chromium chromium-driver; .ci/run does when it can)"
-        )
-    options = webdriver.ChromeOptions()
-    options.binary_location = browser
-    for flag in (*FLAGS, f"--user-data-dir={user_data_dir}", "--window-size=1280,900"):
-        options.add_argument(flag)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(driver))
-
 
 @pytest.fixture(scope="module")
 def url(tiny_store):
     store = load_store(tiny_store, "cpu", "float32")
     with running_server(store, max_new_tokens=12) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with tempfile.TemporaryDirectory(prefix="mage-chromium-") as profile:
-        driver = chromium(profile)
-        try:
-            yield driver
-        finally:
-            driver.quit()
 
 
 def test_the_page_is_served_from_the_package_and_stays_on_this_server(url):
