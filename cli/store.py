@@ -119,9 +119,9 @@ def _build_demo(args: argparse.Namespace) -> int:
 
     from evaluation.alone import validation_means
     from training.common import TrainingError
-    from training.demo import DEMO3, DemoSettings, build_demo, quick
+    from training.demo import DEMO3, DEMO_ANSWER, DemoSettings, build_demo, quick
 
-    settings = DEMO3 if args.preset == "three" else DemoSettings()
+    settings = {"three": DEMO3, "answer": DEMO_ANSWER}.get(args.preset, DemoSettings())
     if args.backbone_steps:
         settings = replace(settings, backbone_steps=args.backbone_steps)
     if args.seed < 0:
@@ -131,7 +131,10 @@ def _build_demo(args: argparse.Namespace) -> int:
     settings = quick(settings) if args.quick else settings
     work = args.work or args.out.with_name(args.out.name + "-work")
     try:
-        root = build_demo(args.out.resolve(), work.resolve(), settings, alone=validation_means)
+        reuse = args.reuse.resolve() if args.reuse else None
+        root = build_demo(
+            args.out.resolve(), work.resolve(), settings, alone=validation_means, reuse=reuse
+        )
     except (StoreError, TrainingError, ValueError) as exc:
         print(f"mage store build-demo: {exc}", file=sys.stderr)
         return 2
@@ -287,9 +290,17 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     demo.add_argument(
         "--preset",
-        choices=("two", "three"),
+        choices=("two", "three", "answer"),
         default="two",
-        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3)",
+        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3); "
+        "answer: answer-relevance vs positivity",
+    )
+    demo.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="a built store: its value model and specialist are reused for each objective "
+        "whose reward scale comes out identical",
     )
     demo.add_argument(
         "--backbone-steps",

@@ -322,3 +322,36 @@ def test_build_demo_of_another_seed_shares_the_value_models(base, tmp_path):
     )
     with pytest.raises(TrainingError, match=r"other settings \(seed\)"):
         train_backbone(config)
+
+
+def test_build_demo_reuses_an_unchanged_objective_from_another_store(base, tmp_path):
+    """A task that swaps one objective (LENGTH -> SPACES) keeps the other's value model and
+    specialist from a built store when its fitted scale is identical (same base samples, so
+    the same training targets): copied byte for byte and never trained; the new objective
+    trains. A scale that differs (edited here) is not reused."""
+    pytest.importorskip("trl")
+    from model_store.validate import check_store
+    from training.demo import build_demo
+
+    spec = {"path": str(base)}
+    old = tmp_path / "old"
+    build_demo(
+        old, tmp_path / "w0", tiny_demo_settings((LENGTH, VOWELS)), lambda _: None, base, spec
+    )
+    settings = tiny_demo_settings((SPACES, VOWELS))
+    new, work = tmp_path / "new", tmp_path / "w1"
+    build_demo(new, work, settings, lambda _: None, base, spec, reuse=old)
+    for path in ("values/" + VOWELS, "specialists/" + VOWELS):
+        for file in (old / path).glob("*.safetensors"):
+            assert (new / path / file.name).read_bytes() == file.read_bytes()
+    assert not (work / f"value-{VOWELS}" / "checkpoints").exists()
+    assert not (work / f"specialist-{VOWELS}" / "checkpoints").exists()
+    assert (work / f"specialist-{SPACES}" / "checkpoints").exists()
+    assert check_store(new).manifest.objectives == [SPACES, VOWELS]
+
+    manifest = json.loads((old / "mage_store.json").read_text())
+    manifest["reward_scale"]["center"][1] += 0.5
+    (old / "mage_store.json").write_text(json.dumps(manifest))
+    work2 = tmp_path / "w2"
+    build_demo(tmp_path / "new2", work2, settings, lambda _: None, base, spec, reuse=old)
+    assert (work2 / f"specialist-{VOWELS}" / "checkpoints").exists()

@@ -108,6 +108,13 @@ DEMO3 = DemoSettings(
 """The three-objective demo store (demo/store3): conciseness pulls against the other two,
 which both gain from saying more."""
 
+DEMO_ANSWER = DemoSettings(
+    objectives=("answer-relevance", "positivity"),
+    name="mage-demo (SmolLM2-135M-Instruct; answer-relevance vs positivity)",
+)
+"""The two-objective task with room for Stage 2 (docs/results.md "Room for Stage 2"):
+relevance that copying the prompt cannot win, against positivity."""
+
 
 def _shared_samples(base: Path, work: Path, s: DemoSettings, log) -> dict[str, Path]:
     """Base samples once (under the first objective's value folder), re-scored for the
@@ -190,6 +197,9 @@ def conflict_on_base_samples(folders: dict[str, Path], s: DemoSettings) -> dict:
 def _value_models(base, folders, store, s: DemoSettings, scale: RewardScale, log) -> dict:
     reports = {}
     for j, objective in enumerate(s.objectives):
+        if _reused(folders[objective]):
+            reports[objective] = json.loads((folders[objective] / "reused-from.json").read_text())
+            continue
         started = time.monotonic()
         result = train_value_model(
             _value_config(base, folders[objective], objective, s, scale.one(j))
@@ -242,6 +252,13 @@ def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind:
     entries = []
     for objective, weights in zip(s.objectives, all_weights, strict=True):
         out = work / (f"{kind}-{objective}" + (f"-seed{s.seed}" if s.seed else ""))
+        if _reused(out):
+            reused = json.loads((out / "reused-from.json").read_text())
+            path = f"{kind}s/{objective}"
+            entries.append(
+                {"name": f"{kind}-{objective}", "path": path, "weights": weights, **reused}
+            )
+            continue
         config = BackboneTrainConfig(
             base=base,
             rewards=list(s.objectives),
@@ -275,6 +292,50 @@ def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind:
             }
         )
     return entries
+
+
+def _reuse_unchanged(old: Path, store: Path, work: Path, s: DemoSettings, block: dict, log):
+    """Copy another store's value model and specialist for each objective whose reward and
+    fitted scale are the same here: the value model regresses the same r~ on the same base
+    samples (Eq. 16) and the specialist maximises the same e_i^T r~, so training them again
+    would repeat the same run. Each copy leaves a `reused-from.json` in its work folder."""
+    from model_store.manifest import MANIFEST_NAME, StoreManifest
+
+    manifest = StoreManifest.model_validate_json((old / MANIFEST_NAME).read_text())
+    if manifest.reward_scale is None:
+        return
+    for j, objective in enumerate(s.objectives):
+        if objective not in manifest.objectives:
+            continue
+        k = manifest.objectives.index(objective)
+        same = (manifest.reward_scale.center[k], manifest.reward_scale.scale[k]) == (
+            block["center"][j],
+            block["scale"][j],
+        )
+        if not same:
+            log(f"{objective}: reward scale differs from {old}'s, trained anew")
+            continue
+        _copy_trained(old, store, work, objective, s)
+        log(f"{objective}: value model and specialist reused from {old} (same reward scale)")
+
+
+def _copy_trained(old: Path, store: Path, work: Path, objective: str, s: DemoSettings) -> None:
+    """Copy the value model (adapter + head) and the specialist; mark their work folders so
+    the build skips them."""
+    (store / "values").mkdir(parents=True, exist_ok=True)
+    shutil.copytree(old / "values" / objective, store / "values" / objective, dirs_exist_ok=True)
+    head = f"{objective}-head.safetensors"
+    shutil.copy(old / "values" / head, store / "values" / head)
+    shutil.copytree(
+        old / "specialists" / objective, store / "specialists" / objective, dirs_exist_ok=True
+    )
+    for folder in (work / f"value-{objective}", work / f"specialist-{objective}"):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "reused-from.json").write_text(json.dumps({"store": str(old)}) + "\n")
+
+
+def _reused(folder: Path) -> bool:
+    return (folder / "reused-from.json").is_file()
 
 
 def _manifest(s: DemoSettings, backbones, specialists, scale_block: dict, base_spec) -> dict:
@@ -329,11 +390,14 @@ def build_demo(
     base: Path | None = None,
     base_spec: dict | None = None,
     alone: AloneCheck | None = None,
+    reuse: Path | None = None,
 ) -> Path:
     """Build (or resume building) a demo store; writes store/build_report.json. `base` and
     `base_spec` replace the packaged SmolLM2 (tests build on a tiny base). `alone` scores
     each adapter alone on validation (evaluation.alone.validation_means, passed in because
-    evaluation builds on training, not the reverse); None leaves that report entry null."""
+    evaluation builds on training, not the reverse); None leaves that report entry null.
+    `reuse`: a built store whose value model and specialist are taken for every objective it
+    shares with an identical reward scale (their training targets are then the same)."""
     s = settings or DemoSettings()
     started = time.monotonic()
     if base is None:
@@ -344,10 +408,13 @@ def build_demo(
     scale_block = reward_scale_block(folders, s)
     log(f"reward scale: {json.dumps(scale_block)}")
     scale = RewardScale(tuple(scale_block["center"]), tuple(scale_block["scale"]))
+    if reuse is not None:
+        _reuse_unchanged(reuse, store, work, s, scale_block, log)
+    # Backbones first: Bone Soup's front (and the oracle's room over it) needs no value model.
+    backbones = _adapters(base, work, store, s, scale, log, "backbone")
     values = _value_models(base, folders, store, s, scale, log)
     conflict = conflict_on_base_samples(folders, s)
     log(f"reward conflict on base samples: {conflict}")
-    backbones = _adapters(base, work, store, s, scale, log, "backbone")
     specialists = _adapters(base, work, store, s, scale, log, "specialist") if s.specialists else []
     manifest = _manifest(s, backbones, specialists, scale_block, base_spec)
     write_manifest(store, _keep_tuned(store, manifest))
