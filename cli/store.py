@@ -133,7 +133,12 @@ def _build_demo(args: argparse.Namespace) -> int:
     try:
         reuse = args.reuse.resolve() if args.reuse else None
         root = build_demo(
-            args.out.resolve(), work.resolve(), settings, alone=validation_means, reuse=reuse
+            args.out.resolve(),
+            work.resolve(),
+            settings,
+            alone=validation_means,
+            reuse=reuse,
+            only=args.only,
         )
     except (StoreError, TrainingError, ValueError) as exc:
         print(f"mage store build-demo: {exc}", file=sys.stderr)
@@ -294,6 +299,13 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
         default="two",
         help="two: relevance vs positivity (demo/store); three: + concise (demo/store3); "
         "answer: answer-relevance vs positivity",
+    )
+    demo.add_argument(
+        "--only",
+        default="",
+        metavar="KIND-OBJECTIVE",
+        help="train just this adapter (backbone-<objective> or specialist-<objective>), e.g. "
+        "in a process of its own beside the build; then run the build without it to finish",
     )
     demo.add_argument(
         "--reuse",

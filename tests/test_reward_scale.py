@@ -355,3 +355,26 @@ def test_build_demo_reuses_an_unchanged_objective_from_another_store(base, tmp_p
     work2 = tmp_path / "w2"
     build_demo(tmp_path / "new2", work2, settings, lambda _: None, base, spec, reuse=old)
     assert (work2 / f"specialist-{VOWELS}" / "checkpoints").exists()
+
+
+def test_build_demo_only_trains_one_adapter_then_the_build_resumes_it(base, tmp_path):
+    """`only` trains one named adapter (a process per adapter on a machine with more cores)
+    and writes no manifest; the full build afterwards finds it finished and does not train it
+    again; a name that is not an adapter of the task is refused."""
+    pytest.importorskip("trl")
+    from training.demo import build_demo
+
+    settings = tiny_demo_settings((LENGTH, VOWELS))
+    store, work, spec = tmp_path / "store", tmp_path / "work", {"path": str(base)}
+    build_demo(store, work, settings, lambda _: None, base, spec, only=f"backbone-{VOWELS}")
+    assert (store / "backbones" / VOWELS / "adapter_model.safetensors").is_file()
+    assert not (work / f"backbone-{LENGTH}").exists()
+    assert not (store / "mage_store.json").exists()
+    adapter = store / "backbones" / VOWELS / "adapter_model.safetensors"
+    trained = adapter.read_bytes()
+    checkpoints = sorted((work / f"backbone-{VOWELS}" / "checkpoints").iterdir())
+    build_demo(store, work, settings, lambda _: None, base, spec)
+    assert sorted((work / f"backbone-{VOWELS}" / "checkpoints").iterdir()) == checkpoints
+    assert adapter.read_bytes() == trained
+    with pytest.raises(ValueError, match="--only"):
+        build_demo(store, work, settings, lambda _: None, base, spec, only="backbone-nope")

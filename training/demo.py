@@ -241,9 +241,12 @@ def _curve(out: Path, objectives: tuple[str, ...], every: int = 10) -> list[dict
     return blocks
 
 
-def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind: str) -> list:
+def _adapters(
+    base, work, store, s: DemoSettings, scale: RewardScale, log, kind: str, only: str = ""
+) -> list:
     """Train one adapter per objective: backbones on B's columns (Eq. 11-12), or the
-    Rewarded-Soup specialists on e_i (kind="specialist"), all on h = w^T r~."""
+    Rewarded-Soup specialists on e_i (kind="specialist"), all on h = w^T r~. `only`
+    ("<kind>-<objective>") trains that one adapter and skips the rest."""
     n = len(s.objectives)
     if kind == "backbone":
         all_weights = circulant_backbone_weights(list(s.objectives), s.beta)
@@ -252,6 +255,8 @@ def _adapters(base, work, store, s: DemoSettings, scale: RewardScale, log, kind:
     entries = []
     for objective, weights in zip(s.objectives, all_weights, strict=True):
         out = work / (f"{kind}-{objective}" + (f"-seed{s.seed}" if s.seed else ""))
+        if only and only != f"{kind}-{objective}":
+            continue
         if _reused(out):
             reused = json.loads((out / "reused-from.json").read_text())
             path = f"{kind}s/{objective}"
@@ -391,13 +396,17 @@ def build_demo(
     base_spec: dict | None = None,
     alone: AloneCheck | None = None,
     reuse: Path | None = None,
+    only: str = "",
 ) -> Path:
     """Build (or resume building) a demo store; writes store/build_report.json. `base` and
     `base_spec` replace the packaged SmolLM2 (tests build on a tiny base). `alone` scores
     each adapter alone on validation (evaluation.alone.validation_means, passed in because
     evaluation builds on training, not the reverse); None leaves that report entry null.
     `reuse`: a built store whose value model and specialist are taken for every objective it
-    shares with an identical reward scale (their training targets are then the same)."""
+    shares with an identical reward scale (their training targets are then the same).
+    `only` ("backbone-<objective>" or "specialist-<objective>") prepares the samples and scale
+    and trains just that adapter (no manifest): builds on a machine with more cores run one
+    process per adapter, then the plain build to finish."""
     s = settings or DemoSettings()
     started = time.monotonic()
     if base is None:
@@ -410,6 +419,16 @@ def build_demo(
     scale = RewardScale(tuple(scale_block["center"]), tuple(scale_block["scale"]))
     if reuse is not None:
         _reuse_unchanged(reuse, store, work, s, scale_block, log)
+    if only:  # one adapter, e.g. in a process of its own beside the build
+        kind = only.split("-", 1)[0]
+        if kind not in ("backbone", "specialist") or not _adapters(
+            base, work, store, s, scale, log, kind, only
+        ):
+            raise ValueError(
+                f"--only {only!r}: expected backbone-<objective> or "
+                f"specialist-<objective> with an objective of {list(s.objectives)}"
+            )
+        return store
     # Backbones first: Bone Soup's front (and the oracle's room over it) needs no value model.
     backbones = _adapters(base, work, store, s, scale, log, "backbone")
     values = _value_models(base, folders, store, s, scale, log)
