@@ -304,8 +304,8 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
         "--only",
         default="",
         metavar="KIND-OBJECTIVE",
-        help="train just this adapter (backbone-<objective> or specialist-<objective>), e.g. "
-        "in a process of its own beside the build; then run the build without it to finish",
+        help="train just this model (backbone-, specialist- or value-<objective>), e.g. in "
+        "a process of its own beside the build; then run the build without it to finish",
     )
     demo.add_argument(
         "--reuse",

@@ -358,9 +358,9 @@ def test_build_demo_reuses_an_unchanged_objective_from_another_store(base, tmp_p
 
 
 def test_build_demo_only_trains_one_adapter_then_the_build_resumes_it(base, tmp_path):
-    """`only` trains one named adapter (a process per adapter on a machine with more cores)
-    and writes no manifest; the full build afterwards finds it finished and does not train it
-    again; a name that is not an adapter of the task is refused."""
+    """`only` trains one named model, a backbone or a value model (a process per model on a
+    machine with more cores), and writes no manifest; the full build afterwards finds it
+    finished and does not train it again; a name that is not a model of the task is refused."""
     pytest.importorskip("trl")
     from training.demo import build_demo
 
@@ -373,6 +373,9 @@ def test_build_demo_only_trains_one_adapter_then_the_build_resumes_it(base, tmp_
     adapter = store / "backbones" / VOWELS / "adapter_model.safetensors"
     trained = adapter.read_bytes()
     checkpoints = sorted((work / f"backbone-{VOWELS}" / "checkpoints").iterdir())
+    build_demo(store, work, settings, lambda _: None, base, spec, only=f"value-{LENGTH}")
+    assert (store / "values" / f"{LENGTH}-head.safetensors").is_file()
+    assert not (store / "values" / f"{VOWELS}-head.safetensors").exists()
     build_demo(store, work, settings, lambda _: None, base, spec)
     assert sorted((work / f"backbone-{VOWELS}" / "checkpoints").iterdir()) == checkpoints
     assert adapter.read_bytes() == trained

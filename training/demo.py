@@ -194,9 +194,13 @@ def conflict_on_base_samples(folders: dict[str, Path], s: DemoSettings) -> dict:
     }
 
 
-def _value_models(base, folders, store, s: DemoSettings, scale: RewardScale, log) -> dict:
+def _value_models(
+    base, folders, store, s: DemoSettings, scale: RewardScale, log, only: str = ""
+) -> dict:
     reports = {}
     for j, objective in enumerate(s.objectives):
+        if only and only != f"value-{objective}":
+            continue
         if _reused(folders[objective]):
             reports[objective] = json.loads((folders[objective] / "reused-from.json").read_text())
             continue
@@ -369,6 +373,22 @@ def _manifest(s: DemoSettings, backbones, specialists, scale_block: dict, base_s
     }
 
 
+def _only(only: str, base, work, store, folders, s: DemoSettings, scale, log) -> None:
+    """Train the one model `only` names: backbone-, specialist- or value-<objective>."""
+    kind = only.split("-", 1)[0]
+    if kind == "value":
+        done = _value_models(base, folders, store, s, scale, log, only)
+    elif kind in ("backbone", "specialist"):
+        done = _adapters(base, work, store, s, scale, log, kind, only)
+    else:
+        done = None
+    if not done:
+        raise ValueError(
+            f"--only {only!r}: expected backbone-, specialist- or value-<objective> with an "
+            f"objective of {list(s.objectives)}"
+        )
+
+
 def _keep_tuned(store: Path, manifest: dict) -> dict:
     """A rebuild keeps what `mage tune` wrote (alpha, the defaults' gammas) when the
     objectives are unchanged."""
@@ -404,9 +424,9 @@ def build_demo(
     evaluation builds on training, not the reverse); None leaves that report entry null.
     `reuse`: a built store whose value model and specialist are taken for every objective it
     shares with an identical reward scale (their training targets are then the same).
-    `only` ("backbone-<objective>" or "specialist-<objective>") prepares the samples and scale
-    and trains just that adapter (no manifest): builds on a machine with more cores run one
-    process per adapter, then the plain build to finish."""
+    `only` ("backbone-", "specialist-" or "value-<objective>") prepares the samples and scale
+    and trains just that model (no manifest): builds on a machine with more cores run one
+    process per model, then the plain build to finish."""
     s = settings or DemoSettings()
     started = time.monotonic()
     if base is None:
@@ -419,15 +439,8 @@ def build_demo(
     scale = RewardScale(tuple(scale_block["center"]), tuple(scale_block["scale"]))
     if reuse is not None:
         _reuse_unchanged(reuse, store, work, s, scale_block, log)
-    if only:  # one adapter, e.g. in a process of its own beside the build
-        kind = only.split("-", 1)[0]
-        if kind not in ("backbone", "specialist") or not _adapters(
-            base, work, store, s, scale, log, kind, only
-        ):
-            raise ValueError(
-                f"--only {only!r}: expected backbone-<objective> or "
-                f"specialist-<objective> with an objective of {list(s.objectives)}"
-            )
+    if only:  # one model, e.g. in a process of its own beside the build
+        _only(only, base, work, store, folders, s, scale, log)
         return store
     # Backbones first: Bone Soup's front (and the oracle's room over it) needs no value model.
     backbones = _adapters(base, work, store, s, scale, log, "backbone")
