@@ -197,6 +197,9 @@ def test_value_model_regresses_rescaled_rewards(base, tmp_path):
         shutil.copy(tmp_path / "raw" / name, tmp_path / "scaled" / name)
     scaled = train_value_model(config(tmp_path / "scaled", RewardScale((0.3,), (0.5,)))).metrics
     assert scaled["train_reward_mean"] == pytest.approx((raw["train_reward_mean"] - 0.3) / 0.5)
+    from training.runs import run_cost
+
+    assert run_cost(tmp_path / "scaled")["cpu_s"] > 0  # its training cost is on record
 
 
 def test_concise_reward_pulls_against_length():

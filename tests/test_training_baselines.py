@@ -90,6 +90,12 @@ def test_a_rerun_resumes_and_trains_no_more(trained, capsys):
     assert before == after
     log = trained.with_name("store-work") / "modpo" / "mu-1-0" / "log.jsonl"
     assert len(log.read_text().splitlines()) == 1
+    from training.runs import run_cost
+
+    ledger = log.with_name("cost.jsonl")  # the training cost: one line per call that trained
+    assert len(ledger.read_text().splitlines()) == 1
+    cost = run_cost(log.parent)
+    assert cost["steps"] == 1 and cost["cpu_s"] > 0 and cost["wall_s"] > 0
 
 
 def test_mage_eval_runs_every_baseline(trained, tmp_path, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,41 @@ class RunLog:
         return _Recorder()
 
 
+COST_FILE = "cost.jsonl"
+
+
+class CostClock:
+    """Wall and CPU time of one training call, appended to ``out/cost.jsonl`` (one line per
+    call, so a resumed run adds up): what a method's training cost (Sec. 6.1) is read from."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.monotonic(), time.process_time()
+
+    def record(self, out: Path, steps: int) -> None:
+        """Append this call's steps, wall seconds and CPU seconds (all threads) to the ledger."""
+        import torch
+
+        line = {
+            "steps": steps,
+            "wall_s": round(time.monotonic() - self.wall, 1),
+            "cpu_s": round(time.process_time() - self.cpu, 1),
+            "threads": torch.get_num_threads(),
+        }
+        with (Path(out) / COST_FILE).open("a") as ledger:
+            ledger.write(json.dumps(line) + "\n")
+
+
+def run_cost(out: Path) -> dict:
+    """The ledger of a run folder summed over its calls: steps, wall_s, cpu_s (zeros if none)."""
+    path = Path(out) / COST_FILE
+    lines = (
+        [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        if path.is_file()
+        else []
+    )
+    return {k: round(sum(x[k] for x in lines), 1) for k in ("steps", "wall_s", "cpu_s")}
+
+
 def train_to_adapter(
     make_trainer: Callable[[RunLog], object],
     out: Path,
@@ -176,10 +212,12 @@ def train_to_adapter(
     out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(log)
     print_logs_as_json(trainer, progress)
+    clock = CostClock()
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)  # type: ignore[attr-defined]
     except RewardError as exc:  # a reward that fails mid-run names itself, without a traceback
         raise TrainingError(str(exc)) from None
+    clock.record(out, log.steps_run)
     empty_dir(adapter_dir)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)  # type: ignore[attr-defined]
     return trainer.state.global_step, log.steps_run, resume, log  # type: ignore[attr-defined]

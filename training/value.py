@@ -47,6 +47,7 @@ from training.common import (
     seed_everything,
     strict_json,
 )
+from training.runs import CostClock
 from training.sampling import (
     Sample,
     SamplingSettings,
@@ -463,6 +464,7 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     initial = history[0]["train_mse_before"] if history else None
     if initial is None:
         initial = evaluate(peft_model, head, train, bs, device)["mse"]
+    clock = CostClock()
     for epoch in range(start_epoch, config.epochs):
         loss = _train_epoch(config, epoch, peft_model, head, optim, train, device)
         entry = {"epoch": epoch + 1, "train_loss": loss, "train_mse_before": initial}
@@ -475,6 +477,8 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
             config.out, epoch + 1, peft_model, head, optim, history, config.keep_checkpoints, spare
         )
 
+    if start_epoch < config.epochs:
+        clock.record(config.out, config.epochs - start_epoch)  # steps = epochs here
     chosen = _choose_epoch(config, history, peft_model, head, optim)
     adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
     finished = None
