@@ -242,3 +242,27 @@ def test_modpo_through_trl_equals_the_modpo_loss(untrained, tmp_path):
     margins_l = torch.tensor([r["rejected_margin"] for r in rows])
     expected = modpo_loss(zero, zero, margins_w, margins_l, w_k, 0.5).mean().item()
     assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tmp_path):
+    """At mu = e_i MORLHF's objective is the specialist's (Eq. 11 with w = e_i): with
+    --from-specialists those adapters are the specialists' files, never trained; a mixed mu
+    still trains its own."""
+    root = tmp_path / "store"
+    root.mkdir()
+    write_tiny_base(root / "base")
+    build_random_store(
+        root, {"path": "base"}, [LENGTH, VOWELS], 0.7, 0.0, None, name="t", with_specialists=True
+    )
+    manifest = read_manifest(root).model_dump()
+    scale = {"center": [0.3, 0.2], "scale": [0.2, 0.1], "hv_reference": [-2, -2], "samples": 8}
+    write_manifest(root, manifest | {"reward_scale": scale})
+    argv = ["train", "morlhf", "--store", str(root), *TINY, *RL, "--preferences", "1,0;0.5,0.5"]
+    assert _mage([*argv, "--from-specialists"]) == 0
+    entries = check_store(root).manifest.baselines.morlhf
+    assert [e.preference for e in entries] == [[1.0, 0.0], [0.5, 0.5]]
+    name = "adapter_model.safetensors"
+    specialist = (root / "specialists" / LENGTH / name).read_bytes()
+    assert (root / "baselines/morlhf/mu-1-0" / name).read_bytes() == specialist
+    work = root.with_name("store-work") / "morlhf"
+    assert not (work / "mu-1-0").exists() and (work / "mu-0.5-0.5" / "log.jsonl").is_file()

@@ -237,6 +237,7 @@ def _morlhf(args: argparse.Namespace) -> int:
         work=args.work,
         rewards=tuple(parse_names(args.rewards)) or None,
         backbone=settings,
+        from_specialists=args.from_specialists,
     )
     for mu, path in train(config):
         print(f"morlhf {list(mu)}: {path}")
@@ -322,6 +323,12 @@ def _add_baseline_commands(sub: argparse._SubParsersAction) -> None:
     morlhf.add_argument("--lora-alpha", type=int, default=16)
     morlhf.add_argument("--targets", default="auto", help="LoRA targets (as for backbones)")
     morlhf.add_argument("--preferences", default="", help=PREFERENCES_HELP)
+    morlhf.add_argument(
+        "--from-specialists",
+        action="store_true",
+        help="at mu = e_i take the store's specialist (the same training) instead of training "
+        "again; only where the specialists used these settings",
+    )
     _rl_options(morlhf, rewards=False)
     morlhf.set_defaults(func=lambda a: _run("morlhf", _morlhf_with_base, a))
 

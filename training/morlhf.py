@@ -28,6 +28,7 @@ from training.baselines import (
     record_baseline,
     store_task,
 )
+from training.runs import copy_adapter
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class MorlhfConfig:
     """BackboneTrainConfig fields every run shares (steps, kl, lr, rank, lora_alpha, targets,
     prompts_per_step, num_generations, max_completion_length, split, max_prompts, seed, ...):
     give the backbones' own so that cost and quality compare."""
+    from_specialists: bool = False
+    """A preference equal to a Rewarded-Soup specialist's weights e_i takes that specialist's
+    adapter instead of training again: its training objective, e_i^T r~ with eta's KL to the
+    base, is MORLHF's at mu = e_i. Only where the specialists were trained with these
+    `backbone` settings (a demo build's are)."""
 
 
 def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
@@ -57,9 +63,15 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
     grid = check_preferences(config.preferences or preference_grid(n), n)
     work = Path(config.work) if config.work else task.store.with_name(task.store.name + "-work")
     trained = []
+    specialists = _specialists(task.store) if config.from_specialists else {}
     for mu in grid:
         label = preference_label(mu)
         relative = f"baselines/morlhf/{label}"
+        if mu in specialists:
+            copy_adapter(task.store / specialists[mu], task.store / relative)
+            record_baseline(task.store, "morlhf", {"preference": list(mu), "path": relative})
+            trained.append((mu, task.store / relative))
+            continue
         run = BackboneTrainConfig(
             base=task.base,
             rewards=list(task.rewards),
@@ -73,3 +85,10 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
         record_baseline(task.store, "morlhf", {"preference": list(mu), "path": relative})
         trained.append((mu, task.store / relative))
     return trained
+
+
+def _specialists(store: Path) -> dict[tuple[float, ...], str]:
+    """The store's specialists by their weights (e_i): {weights: adapter path in the store}."""
+    from model_store.validate import read_manifest
+
+    return {tuple(float(w) for w in s.weights): s.path for s in read_manifest(store).specialists}
