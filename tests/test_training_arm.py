@@ -104,6 +104,10 @@ def test_ranked_pairs_put_the_higher_reward_first_and_skip_ties():
 
     samples = [sample(0, 0.1), sample(0, 0.9), sample(0, 0.9), sample(1, 0.5), sample(2, 1.0)]
     assert ranked_pairs(samples) == [(1, 0), (2, 0)]
+    wide = [sample(0, 0.5), sample(0, 0.1), sample(0, 0.9), sample(1, 0.0), sample(1, 0.3)]
+    assert ranked_pairs(wide, per_prompt=1) == [(2, 1), (4, 3)]  # the widest gap a prompt
+    assert ranked_pairs(wide, per_prompt=2) == [(2, 1), (0, 1), (4, 3)]
+    assert len(ranked_pairs(wide)) == 4
     assert math.isnan(pair_loss([0.0] * 5, []))
     assert pair_loss([0.0, 1.0], [(1, 0)]) == pytest.approx(-math.log(1 / (1 + math.exp(-1))))
 
@@ -149,3 +153,22 @@ def test_cli_trains_an_arm_value_and_compares(base, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["kind"] == "arm"
     assert mage([*compare, "--run", str(tmp_path), "--device", "cpu"]) == 2
     assert "not a finished `mage train value` run" in capsys.readouterr().err
+
+
+def test_pairs_per_prompt_trains_on_the_widest_pairs_only(trained, base, tmp_path):
+    """--pairs-per-prompt 1: one training pair a prompt (6 prompts here), fewer steps; the
+    folder of a run with every pair refuses to resume under the cap."""
+    import shutil
+
+    from training.common import TrainingError
+
+    out, full = trained
+    run = tmp_path / "capped"
+    run.mkdir()
+    for name in ("samples-train.jsonl", "samples-val.jsonl"):  # the same responses
+        shutil.copy(out / name, run / name)
+    capped = train_arm_value(replace(_config(base, run, epochs=1), pairs_per_prompt=1))
+    assert capped.metrics["train_pairs"] == 6 and capped.metrics["pairs_per_prompt"] == 1
+    assert capped.metrics["validation"]["pairs"] == full.metrics["validation"]["pairs"]
+    with pytest.raises(TrainingError, match="pairs_per_prompt"):
+        train_arm_value(replace(_config(base, out), pairs_per_prompt=1))

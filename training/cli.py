@@ -162,7 +162,10 @@ def _value_config(args: argparse.Namespace):
 def _arm_value(args: argparse.Namespace) -> int:
     from training.value_arm import ArmTrainConfig, train_arm_value
 
-    result = train_arm_value(ArmTrainConfig(_value_config(args), args.beta))
+    if args.pairs_per_prompt is not None and args.pairs_per_prompt < 1:
+        raise TrainingError("--pairs-per-prompt must be >= 1")
+    config = ArmTrainConfig(_value_config(args), args.beta, args.pairs_per_prompt)
+    result = train_arm_value(config)
     m = result.metrics
     print(
         f"autoregressive reward model for {args.objective!r} (beta {m['beta']}): pairwise loss "
@@ -429,6 +432,13 @@ def add_train_commands(subparsers: argparse._SubParsersAction) -> argparse.Argum
     )
     value.add_argument(
         "--beta", type=float, default=0.1, help="arm only: beta of r = beta sum_t log pi_r"
+    )
+    value.add_argument(
+        "--pairs-per-prompt",
+        type=int,
+        default=None,
+        help="arm only: train on this many pairs a prompt, those of the widest reward gap "
+        "(default: every ranked pair)",
     )
     value.set_defaults(func=lambda a: _run("value", _value, a))
     compare = sub.add_parser(

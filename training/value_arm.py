@@ -69,6 +69,10 @@ class ArmTrainConfig:
     beta: float = 0.1
     """beta of r = beta sum_t log pi_r: the Bradley-Terry loss's scale, recorded in the
     store so that V is in the units the loss trained."""
+    pairs_per_prompt: int | None = None
+    """Training pairs kept per prompt, those of the widest reward gap; None: every ranked pair
+    (C(8, 2) = 28 a prompt with 8 samples). GenARM and PARM train on one human-labelled pair a
+    prompt; a few clear pairs cost a fraction of all 28 on a CPU. Validation uses every pair."""
 
 
 @dataclass(frozen=True)
@@ -83,17 +87,24 @@ class ArmTrainResult:
     """The checkpoint this call resumed from."""
 
 
-def ranked_pairs(samples: list[Sample]) -> list[tuple[int, int]]:
-    """(winner, loser) indices: every two responses to one prompt whose rewards differ."""
+def ranked_pairs(samples: list[Sample], per_prompt: int | None = None) -> list[tuple[int, int]]:
+    """(winner, loser) indices: every two responses to one prompt whose rewards differ; with
+    `per_prompt`, only that many per prompt, those of the widest reward gap (the clearest
+    preferences; ties in the gap keep their order)."""
     by_prompt: dict[int, list[int]] = defaultdict(list)
     for index, sample in enumerate(samples):
         by_prompt[sample.prompt_index].append(index)
     pairs = []
     for members in by_prompt.values():
+        ranked = []
         for a, b in itertools.combinations(members, 2):
             gap = samples[a].reward - samples[b].reward
             if abs(gap) > 1e-9:
-                pairs.append((a, b) if gap > 0 else (b, a))
+                ranked.append((a, b) if gap > 0 else (b, a))
+        if per_prompt is not None:
+            ranked.sort(key=lambda pair: samples[pair[1]].reward - samples[pair[0]].reward)
+            ranked = ranked[:per_prompt]
+        pairs.extend(ranked)
     return pairs
 
 
@@ -213,6 +224,8 @@ def _check(config: ArmTrainConfig) -> None:
     keys = ("objective", "seed", "rank", "lora_alpha", "targets", "train_split", "sampling")
     wanted = {k: str(v) for k, v in asdict(run).items() if k in keys}
     wanted.update(base=str(Path(run.base).resolve()), kind="arm", beta=str(config.beta))
+    if config.pairs_per_prompt is not None:  # absent when unset, so older folders still resume
+        wanted["pairs_per_prompt"] = str(config.pairs_per_prompt)
     guard_run_settings(Path(run.out), wanted)
 
 
@@ -222,7 +235,7 @@ def train_arm_value(config: ArmTrainConfig) -> ArmTrainResult:
     out = Path(run.out)
     _check(config)
     train, val = prepare_samples(run)
-    pairs = ranked_pairs(train)
+    pairs = ranked_pairs(train, config.pairs_per_prompt)
     if not pairs:
         raise TrainingError("no training pairs: every prompt's responses have equal rewards")
     rows = [
@@ -262,6 +275,7 @@ def train_arm_value(config: ArmTrainConfig) -> ArmTrainResult:
         "beta": config.beta,
         "steps": steps,
         "train_pairs": len(pairs),
+        "pairs_per_prompt": config.pairs_per_prompt,
         "initial_train_pair_loss": before["pair_loss"],
         "final_train_pair_loss": after["pair_loss"],
         "initial_train_rank_acc": before["rank_acc"],
