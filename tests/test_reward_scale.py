@@ -277,6 +277,9 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
         f"{kind}-{o}" for kind in ("backbone", "specialist") for o in objectives
     }
     assert report["backbones"][0]["curve"][0]["steps"] == [1, 1]
+    assert (
+        report["backbones"][0]["cost"]["steps"] == 1 and report["backbones"][0]["cost"]["cpu_s"] > 0
+    )
     assert len(report["conflict"]["pearson"]) == n * (n - 1) // 2
     from evaluation.plot import plot_training_curves
 

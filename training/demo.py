@@ -31,6 +31,7 @@ from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE, packaged_base
 from objectives.rewards import get_reward
 from objectives.scale import RewardScale, fit_reward_scale
 from training.backbone import BackboneTrainConfig, train_backbone
+from training.runs import run_cost
 from training.sampling import SamplingSettings, load_samples, save_samples, score_samples
 from training.value import ValueTrainConfig, train_value_model
 
@@ -216,7 +217,11 @@ def _value_models(
             {k: e.get(k) for k in ("epoch", "train_loss", "val_mse", "val_rank_acc_final")}
             for e in result.metrics.get("history", [])
         ]
-        reports[objective] = {**metrics, "seconds": round(time.monotonic() - started)}
+        reports[objective] = {
+            **metrics,
+            "seconds": round(time.monotonic() - started),
+            "cost": run_cost(folders[objective]),
+        }
         log(f"value model {objective}: {json.dumps(result.metrics['validation'])}")
     return reports
 
@@ -298,6 +303,7 @@ def _adapters(
                 "weights": weights,
                 "curve": _curve(out, s.objectives),
                 "seconds_this_call": round(time.monotonic() - started),
+                "cost": run_cost(out),  # every call's training time, --only runs included
             }
         )
     return entries
