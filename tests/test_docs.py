@@ -76,9 +76,23 @@ def test_the_readme_lists_the_served_architectures():
     assert re.findall(r"`(\w+)`", block) == list(ARCHITECTURES)
 
 
+def _candidate_paths() -> list[Path]:
+    """What a commit could carry: git's tracked and untracked-but-not-ignored files (so run
+    folders and other ignored outputs, which hold machine paths by nature, are not read);
+    every file under the root where git is unavailable."""
+    try:
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=ROOT, capture_output=True, check=True, text=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return list(ROOT.rglob("*"))
+    return [ROOT / name for name in listed.split("\0") if name]
+
+
 def _text_files() -> list[Path]:
     files = []
-    for path in ROOT.rglob("*"):
+    for path in _candidate_paths():
         if any(part in SKIPPED_DIRS or part.endswith(".egg-info") for part in path.parts):
             continue
         if path.is_file() and (
