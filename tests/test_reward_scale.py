@@ -354,6 +354,9 @@ def test_build_demo_reuses_an_unchanged_objective_from_another_store(base, tmp_p
     assert not (work / f"specialist-{VOWELS}" / "checkpoints").exists()
     assert (work / f"specialist-{SPACES}" / "checkpoints").exists()
     assert check_store(new).manifest.objectives == [SPACES, VOWELS]
+    report = json.loads((new / "build_report.json").read_text())
+    assert report["specialists"][1]["reused_from"] == "tiny-demo"  # a name, not a path
+    assert report["value_models"][VOWELS] == {"reused_from": "tiny-demo"}
 
     manifest = json.loads((old / "mage_store.json").read_text())
     manifest["reward_scale"]["center"][1] += 0.5

@@ -330,13 +330,14 @@ def _reuse_unchanged(old: Path, store: Path, work: Path, s: DemoSettings, block:
         if not same:
             log(f"{objective}: reward scale differs from {old}'s, trained anew")
             continue
-        _copy_trained(old, store, work, objective, s)
+        _copy_trained(old, store, work, objective, manifest.name)
         log(f"{objective}: value model and specialist reused from {old} (same reward scale)")
 
 
-def _copy_trained(old: Path, store: Path, work: Path, objective: str, s: DemoSettings) -> None:
+def _copy_trained(old: Path, store: Path, work: Path, objective: str, name: str) -> None:
     """Copy the value model (adapter + head) and the specialist; mark their work folders so
-    the build skips them."""
+    the build skips them (the mark names the source store, not its path, since the build
+    report quotes it)."""
     (store / "values").mkdir(parents=True, exist_ok=True)
     shutil.copytree(old / "values" / objective, store / "values" / objective, dirs_exist_ok=True)
     head = f"{objective}-head.safetensors"
@@ -346,7 +347,7 @@ def _copy_trained(old: Path, store: Path, work: Path, objective: str, s: DemoSet
     )
     for folder in (work / f"value-{objective}", work / f"specialist-{objective}"):
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "reused-from.json").write_text(json.dumps({"store": str(old)}) + "\n")
+        (folder / "reused-from.json").write_text(json.dumps({"reused_from": name}) + "\n")
 
 
 def _reused(folder: Path) -> bool:
