@@ -266,3 +266,18 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
     assert (root / "baselines/morlhf/mu-1-0" / name).read_bytes() == specialist
     work = root.with_name("store-work") / "morlhf"
     assert not (work / "mu-1-0").exists() and (work / "mu-0.5-0.5" / "log.jsonl").is_file()
+
+
+def test_the_cost_ledger_adds_each_checkpoint_since_the_last(tmp_path):
+    """A line per checkpoint with the steps since the previous one (a resumed clock starts at
+    its checkpoint's step), none for an empty interval; run_cost sums them."""
+    from training.runs import CostClock, run_cost
+
+    clock = CostClock(tmp_path, step=4)  # resumed at step 4
+    sum(range(200_000))  # some CPU time
+    clock.record(8)
+    clock.record(8)  # nothing new: no line
+    clock.record(10)
+    lines = [json.loads(x) for x in (tmp_path / "cost.jsonl").read_text().splitlines()]
+    assert [x["steps"] for x in lines] == [4, 2]
+    assert run_cost(tmp_path)["steps"] == 6 and run_cost(tmp_path / "none")["steps"] == 0

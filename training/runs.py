@@ -160,24 +160,41 @@ COST_FILE = "cost.jsonl"
 
 
 class CostClock:
-    """Wall and CPU time of one training call, appended to ``out/cost.jsonl`` (one line per
-    call, so a resumed run adds up): what a method's training cost (Sec. 6.1) is read from."""
+    """Wall and CPU time of a training call, appended to ``out/cost.jsonl`` at every
+    checkpoint and at the end (one line each, so a resumed run, or one stopped between
+    checkpoints, adds up): what a method's training cost (Sec. 6.1) is read from."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: Path, step: int = 0) -> None:
+        self.out, self.step = Path(out), step
         self.wall, self.cpu = time.monotonic(), time.process_time()
 
-    def record(self, out: Path, steps: int) -> None:
-        """Append this call's steps, wall seconds and CPU seconds (all threads) to the ledger."""
+    def record(self, step: int) -> None:
+        """Append the steps, wall seconds and CPU seconds (all threads) since the last record,
+        up to optimizer step (or epoch) `step`."""
         import torch
 
         line = {
-            "steps": steps,
+            "steps": step - self.step,
             "wall_s": round(time.monotonic() - self.wall, 1),
             "cpu_s": round(time.process_time() - self.cpu, 1),
             "threads": torch.get_num_threads(),
         }
-        with (Path(out) / COST_FILE).open("a") as ledger:
-            ledger.write(json.dumps(line) + "\n")
+        if line["steps"] > 0:
+            with (self.out / COST_FILE).open("a") as ledger:
+                ledger.write(json.dumps(line) + "\n")
+        self.step, self.wall, self.cpu = step, time.monotonic(), time.process_time()
+
+    def callback(self):
+        """A transformers TrainerCallback that records at every checkpoint save."""
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class _CostCallback(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                clock.record(state.global_step)
+
+        return _CostCallback()
 
 
 def run_cost(out: Path) -> dict:
@@ -212,12 +229,13 @@ def train_to_adapter(
     out.mkdir(parents=True, exist_ok=True)
     trainer = make_trainer(log)
     print_logs_as_json(trainer, progress)
-    clock = CostClock()
+    clock = CostClock(out, done or 0)
+    trainer.add_callback(clock.callback())  # type: ignore[attr-defined]
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)  # type: ignore[attr-defined]
     except RewardError as exc:  # a reward that fails mid-run names itself, without a traceback
         raise TrainingError(str(exc)) from None
-    clock.record(out, log.steps_run)
+    clock.record(trainer.state.global_step)  # type: ignore[attr-defined]
     empty_dir(adapter_dir)
     trainer.model.save_pretrained(str(adapter_dir), safe_serialization=True)  # type: ignore[attr-defined]
     return trainer.state.global_step, log.steps_run, resume, log  # type: ignore[attr-defined]

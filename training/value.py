@@ -464,7 +464,7 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     initial = history[0]["train_mse_before"] if history else None
     if initial is None:
         initial = evaluate(peft_model, head, train, bs, device)["mse"]
-    clock = CostClock()
+    clock = CostClock(config.out, start_epoch)  # steps = epochs here
     for epoch in range(start_epoch, config.epochs):
         loss = _train_epoch(config, epoch, peft_model, head, optim, train, device)
         entry = {"epoch": epoch + 1, "train_loss": loss, "train_mse_before": initial}
@@ -476,9 +476,8 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
         _save_checkpoint(
             config.out, epoch + 1, peft_model, head, optim, history, config.keep_checkpoints, spare
         )
+        clock.record(epoch + 1)
 
-    if start_epoch < config.epochs:
-        clock.record(config.out, config.epochs - start_epoch)  # steps = epochs here
     chosen = _choose_epoch(config, history, peft_model, head, optim)
     adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
     finished = None
