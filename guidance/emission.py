@@ -36,12 +36,8 @@ class Emitter:
         observer: EngineObserver,
         finish: Finish,
     ):
-        self.tokenizer, self.clock, self.observer, self.finish = (
-            store.tokenizer,
-            clock,
-            observer,
-            finish,
-        )
+        self.tokenizer = store.tokenizer
+        self.clock, self.observer, self.finish = clock, observer, finish
         self.special_ids = set(store.tokenizer.all_special_ids)
         self.eos_ids = store.eos_ids
 

@@ -202,8 +202,8 @@ def _value_models(
     for j, objective in enumerate(s.objectives):
         if only and only != f"value-{objective}":
             continue
-        if _reused(folders[objective]):
-            reports[objective] = json.loads((folders[objective] / "reused-from.json").read_text())
+        if reused := _reused(folders[objective]):
+            reports[objective] = reused
             continue
         started = time.monotonic()
         result = train_value_model(
@@ -266,8 +266,7 @@ def _adapters(
         out = work / (f"{kind}-{objective}" + (f"-seed{s.seed}" if s.seed else ""))
         if only and only != f"{kind}-{objective}":
             continue
-        if _reused(out):
-            reused = json.loads((out / "reused-from.json").read_text())
+        if reused := _reused(out):
             path = f"{kind}s/{objective}"
             entries.append(
                 {"name": f"{kind}-{objective}", "path": path, "weights": weights, **reused}
@@ -350,8 +349,11 @@ def _copy_trained(old: Path, store: Path, work: Path, objective: str, name: str)
         (folder / "reused-from.json").write_text(json.dumps({"reused_from": name}) + "\n")
 
 
-def _reused(folder: Path) -> bool:
-    return (folder / "reused-from.json").is_file()
+def _reused(folder: Path) -> dict | None:
+    """The mark `_copy_trained` left in a work folder ({"reused_from": store name}), or None
+    when the model there is trained by this build."""
+    mark = folder / "reused-from.json"
+    return json.loads(mark.read_text()) if mark.is_file() else None
 
 
 def _manifest(s: DemoSettings, backbones, specialists, scale_block: dict, base_spec) -> dict:

@@ -69,19 +69,17 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
         relative = f"baselines/morlhf/{label}"
         if mu in specialists:
             copy_adapter(task.store / specialists[mu], task.store / relative)
-            record_baseline(task.store, "morlhf", {"preference": list(mu), "path": relative})
-            trained.append((mu, task.store / relative))
-            continue
-        run = BackboneTrainConfig(
-            base=task.base,
-            rewards=list(task.rewards),
-            weights=list(mu),
-            out=work / "morlhf" / label,
-            adapter_dir=task.store / relative,
-            reward_scale=task.scale,
-            **config.backbone,
-        )
-        train_backbone(run)
+        else:
+            run = BackboneTrainConfig(
+                base=task.base,
+                rewards=list(task.rewards),
+                weights=list(mu),
+                out=work / "morlhf" / label,
+                adapter_dir=task.store / relative,
+                reward_scale=task.scale,
+                **config.backbone,
+            )
+            train_backbone(run)
         record_baseline(task.store, "morlhf", {"preference": list(mu), "path": relative})
         trained.append((mu, task.store / relative))
     return trained
