@@ -40,8 +40,8 @@ def _metrics(results: dict) -> list[str]:
         f" intervals: paired bootstrap over {results['prompts']} prompts, 95%.",
         "",
         "| method | gamma | HV [95% CI] | inner product | sparsity | spacing | front "
-        "| ctrl [95% CI] | ms/token | forwards/token | peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ctrl [95% CI] | ms/token | forwards/token | peak MiB | adapters | train CPU h |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, m in results["metrics"].items():
         gamma = results["variants"][label]["gamma"]
@@ -51,9 +51,19 @@ def _metrics(results: dict) -> list[str]:
             f"{m['inner_product']:.4f} | {m['sparsity']:.4f} | {m['spacing']:.4f} | "
             f"{m['front_length']} | {ctrl}"
             f" | {_opt(m.get('ms_per_token'), '.1f')} | {_opt(m.get('forwards_per_token'), '.1f')}"
-            f" | {_opt(m.get('peak_mib'), '.0f')} |"
+            f" | {_opt(m.get('peak_mib'), '.0f')} | {_opt(m.get('adapters'), 'd')}"
+            f" | {_train_cost(m)} |"
         )
     return lines
+
+
+def _train_cost(m: dict) -> str:
+    """CPU hours of the recorded parts, with the count of parts whose cost is not on record."""
+    seconds, missing = m.get("train_cpu_s"), len(m.get("unrecorded") or [])
+    hours = None if seconds is None else seconds / 3600
+    if missing:
+        return f"{_opt(hours, '.2f')} + {missing} unrecorded"
+    return _opt(hours, ".2f")
 
 
 def _comparisons(results: dict) -> list[str]:

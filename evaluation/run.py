@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from evaluation.costs import method_training_cost
 from evaluation.methods import (
     METHODS,
     generate_responses,
@@ -248,8 +249,10 @@ def run_eval(cfg: EvalConfig, progress=print) -> dict:
     scale = RewardScale.from_manifest(store.checked.manifest)
     results = score(cfg, store.objectives, specs, prompts, done, runs, scale, reference)
     results["reference_source"] = source
-    for label in runs:
+    checked = store.checked
+    for label, (method, _) in runs.items():
         results["metrics"][label]["peak_mib"] = memory.get(label, {}).get("peak_mib")
+        results["metrics"][label] |= method_training_cost(checked.root, checked.manifest, method)
     results["device"] = str(store.device)
     results["seconds_generating"] = seconds
     (cfg.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

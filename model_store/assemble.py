@@ -265,6 +265,29 @@ def _write_parts(parts: StoreParts, root: Path) -> None:
         _copy_model(Path(parts.base["path"]), root / "base")
 
 
+def _carry_costs(parts: StoreParts, root: Path) -> None:
+    """The new store's training_costs.json (training/costs.py): each part's cost as the store
+    it comes from recorded it, else the ledger of the `mage train` folder it was trained in
+    (the folder itself or, for its ``adapter``, the one above). Unknown costs stay absent."""
+    from model_store.costs import COST_FILE, read_store_costs, record_store_cost, run_cost
+
+    slugs = [_slug(o) for o in parts.objectives]
+    sources = [
+        *(("backbones", s, p) for s, p in zip(slugs, parts.backbones, strict=True)),
+        *(("specialists", s, p) for s, p in zip(slugs, parts.specialists, strict=False)),
+        *(("values", s, parts.values[o].path) for o, s in zip(parts.objectives, slugs, strict=True)
+          if o in parts.values),
+    ]  # fmt: skip
+    for component, name, source in sources:
+        source = Path(source).resolve()
+        cost = read_store_costs(source.parent.parent).get(component, {}).get(source.name)
+        if cost is None:
+            ledger = [f for f in (source, source.parent) if (f / COST_FILE).is_file()]
+            cost = run_cost(ledger[0]) if ledger else None
+        if cost is not None:
+            record_store_cost(root, component, name, cost)
+
+
 def assemble_store(parts: StoreParts, out: Path, force: bool = False) -> CheckedStore:
     """Write `parts` as a store at `out`: staged beside it, checked, then moved into place,
     so a failed check leaves nothing half-written at `out`."""
@@ -278,6 +301,7 @@ def assemble_store(parts: StoreParts, out: Path, force: bool = False) -> Checked
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_parts(parts, staging)
+        _carry_costs(parts, staging)
         write_manifest(staging, manifest)
         checked = check_store(staging)
         if out.exists():

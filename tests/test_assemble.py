@@ -193,3 +193,23 @@ def test_rehash_refreshes_checksums_after_an_edit(parts, tmp_path, capsys):
     assert "changed  values/helpful-head.safetensors" in printed
     assert "1 checksums changed" in printed
     assert mage(["store", "validate", str(out)]) == 0
+
+
+def test_training_costs_come_along_from_the_ledger_and_from_a_store(parts, tmp_path):
+    """A value model's `mage train` folder has a cost ledger: the assembled store records its
+    sum; a store assembled `--from` that one keeps it; a part with no ledger stays unrecorded
+    (unknown, not zero)."""
+    import shutil
+
+    from model_store.costs import read_store_costs
+
+    copy = tmp_path / "parts"
+    shutil.copytree(parts, copy, ignore=shutil.ignore_patterns("trl-run"))
+    (copy / "trl-run").symlink_to(parts / "trl-run")
+    ledger = '{"steps": 3, "wall_s": 9.0, "cpu_s": 8.0, "threads": 1}\n'
+    (copy / "value-helpful" / "cost.jsonl").write_text(ledger * 2)
+    assert _assemble(copy, tmp_path / "a") == 0
+    expected = {"values": {"helpful": {"steps": 6, "wall_s": 18.0, "cpu_s": 16.0}}}
+    assert read_store_costs(tmp_path / "a") == expected
+    assert mage(["store", "assemble", str(tmp_path / "b"), "--from", str(tmp_path / "a")]) == 0
+    assert read_store_costs(tmp_path / "b") == expected

@@ -67,6 +67,13 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
     for m in results["metrics"].values():
         assert m["front_length"] >= 1 and m["hv"] >= 0
         assert m["ms_per_token"] > 0 and m["peak_mib"] > 0
+    adapters = {k: m["adapters"] for k, m in results["metrics"].items()}
+    assert adapters == dict.fromkeys(methods, 2) | {"mage-e-m": 4}  # + the 2 value models
+    assert results["metrics"]["mod"]["unrecorded"] == [
+        "specialists/helpful",
+        "specialists/harmless",
+    ]
+    assert results["metrics"]["mage-e-m"]["train_cpu_s"] is None  # a random store: no record
     png = (tmp_path / "ev/fronts.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     capsys.readouterr()
@@ -75,6 +82,39 @@ def test_eval_writes_table_and_resumes(tiny_store, tmp_path, capsys):
     assert "0s generating" in capsys.readouterr().out
     resumed = json.loads((tmp_path / "ev/results.json").read_text())
     assert resumed["metrics"]["beam"]["peak_mib"] == results["metrics"]["beam"]["peak_mib"]
+
+
+def test_each_method_is_charged_the_parts_it_decodes_with(tiny_store, tmp_path):
+    """Sec. 6.1's training cost: Bone Soup and the implicit modes use the backbones, explicit
+    guidance adds the value models, Rewarded Soup and MOD the specialists, an oracle its
+    policy's; each sums what the store recorded for those parts."""
+    import shutil
+
+    from evaluation.costs import method_training_cost
+    from model_store.costs import record_store_cost
+    from model_store.validate import read_manifest
+
+    store = tmp_path / "s"
+    shutil.copytree(tiny_store, store)
+    manifest = read_manifest(store)
+    names = [b.path.split("/")[-1] for b in manifest.backbones]
+    for component, seconds in (("backbones", 100.0), ("values", 10.0), ("specialists", 1.0)):
+        for name in names:
+            record_store_cost(store, component, name, {"steps": 1, "wall_s": 1, "cpu_s": seconds})
+    cost = {
+        m: method_training_cost(store, manifest, m)["train_cpu_s"]
+        for m in (
+            "bone-soup",
+            "mage-i-m",
+            "oracle-bok",
+            "mage-e-m",
+            "mage-e",
+            "rewarded-soup",
+            "mod",
+        )
+    }
+    assert cost == {"bone-soup": 200, "mage-i-m": 200, "oracle-bok": 200, "mage-e-m": 220,
+                    "mage-e": 220, "rewarded-soup": 2, "mod": 2}  # fmt: skip
 
 
 def test_batched_eval_matches_the_server_engine(tiny_store, tmp_path):

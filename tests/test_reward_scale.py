@@ -197,7 +197,7 @@ def test_value_model_regresses_rescaled_rewards(base, tmp_path):
         shutil.copy(tmp_path / "raw" / name, tmp_path / "scaled" / name)
     scaled = train_value_model(config(tmp_path / "scaled", RewardScale((0.3,), (0.5,)))).metrics
     assert scaled["train_reward_mean"] == pytest.approx((raw["train_reward_mean"] - 0.3) / 0.5)
-    from training.runs import run_cost
+    from training.costs import run_cost
 
     assert run_cost(tmp_path / "scaled")["cpu_s"] > 0  # its training cost is on record
 
@@ -281,6 +281,11 @@ def test_build_demo_end_to_end_on_a_tiny_base(base, tmp_path, objectives):
         report["backbones"][0]["cost"]["steps"] == 1 and report["backbones"][0]["cost"]["cpu_s"] > 0
     )
     assert len(report["conflict"]["pearson"]) == n * (n - 1) // 2
+    from model_store.costs import read_store_costs
+
+    costs = read_store_costs(store)  # what `mage eval` reads, from the same ledgers
+    assert costs["backbones"][objectives[0]] == report["backbones"][0]["cost"]
+    assert set(costs["values"]) == set(costs["specialists"]) == set(objectives)
     from evaluation.plot import plot_training_curves
 
     png = plot_training_curves(report, tmp_path / "curves.png").read_bytes()
@@ -357,6 +362,12 @@ def test_build_demo_reuses_an_unchanged_objective_from_another_store(base, tmp_p
     report = json.loads((new / "build_report.json").read_text())
     assert report["specialists"][1]["reused_from"] == "tiny-demo"  # a name, not a path
     assert report["value_models"][VOWELS] == {"reused_from": "tiny-demo"}
+    from model_store.costs import read_store_costs
+
+    old_costs, new_costs = read_store_costs(old), read_store_costs(new)
+    for component in ("values", "specialists"):  # a copy costs what its training did
+        assert new_costs[component][VOWELS] == old_costs[component][VOWELS]
+        assert new_costs[component][SPACES]["cpu_s"] > 0
 
     manifest = json.loads((old / "mage_store.json").read_text())
     manifest["reward_scale"]["center"][1] += 0.5

@@ -90,7 +90,7 @@ def test_a_rerun_resumes_and_trains_no_more(trained, capsys):
     assert before == after
     log = trained.with_name("store-work") / "modpo" / "mu-1-0" / "log.jsonl"
     assert len(log.read_text().splitlines()) == 1
-    from training.runs import run_cost
+    from training.costs import run_cost
 
     ledger = log.with_name("cost.jsonl")  # the training cost: one line per call that trained
     assert len(ledger.read_text().splitlines()) == 1
@@ -111,6 +111,27 @@ def test_mage_eval_runs_every_baseline(trained, tmp_path, capsys):
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 2 * 2
     assert all("<rm1_score>" not in r["prompt"] for r in rows)  # rewards see the plain prompt
+    metrics = results["metrics"]  # Sec. 6.1's training cost beside each method
+    assert [metrics[m]["adapters"] for m in ("ric", "modpo", "morlhf")] == [1, 2, 2]
+    assert all(metrics[m]["train_cpu_s"] > 0 and not metrics[m]["unrecorded"] for m in metrics)
+    assert "adapters | train CPU h" in (out / "table.md").read_text()
+
+
+def test_each_trained_baseline_records_its_training_cost_in_the_store(trained):
+    """training_costs.json holds every adapter's CPU time, and MODPO's sampling pass (timed
+    into the work folder's own ledger) once; RiC's is its sampling and rounds."""
+    from training.costs import read_store_costs, run_cost
+
+    costs, work = read_store_costs(trained), trained.with_name("store-work")
+    assert set(costs["morlhf"]) == set(costs["modpo"]) - {"samples"} == {"mu-1-0", "mu-0-1"}
+    assert costs["morlhf"]["mu-1-0"] == run_cost(work / "morlhf" / "mu-1-0")
+    [line] = [json.loads(x) for x in (work / "modpo" / "cost.jsonl").read_text().splitlines()]
+    assert line["stage"] == "sampling" and line["steps"] == 0  # timed, though no step
+    assert costs["modpo"]["samples"] == run_cost(work / "modpo")  # charged to MODPO once
+    assert costs["modpo"]["mu-1-0"] == run_cost(work / "modpo" / "mu-1-0")
+    rounds = run_cost(work / "ric" / "round-0", work / "ric" / "round-1")
+    assert costs["ric"]["ric"]["cpu_s"] >= rounds["cpu_s"] > 0  # + the offline sampling
+    assert (work / "ric" / "cost.jsonl").is_file()
 
 
 def test_morlhf_and_modpo_refuse_a_preference_they_were_not_trained_for(trained):
@@ -257,8 +278,14 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
     manifest = read_manifest(root).model_dump()
     scale = {"center": [0.3, 0.2], "scale": [0.2, 0.1], "hv_reference": [-2, -2], "samples": 8}
     write_manifest(root, manifest | {"reward_scale": scale})
+    from training.costs import read_store_costs, record_store_cost
+
+    spent = {"steps": 5, "wall_s": 7.0, "cpu_s": 6.0}
+    record_store_cost(root, "specialists", LENGTH, spent)  # as a build records it
     argv = ["train", "morlhf", "--store", str(root), *TINY, *RL, "--preferences", "1,0;0.5,0.5"]
     assert _mage([*argv, "--from-specialists"]) == 0
+    costs = read_store_costs(root)["morlhf"]  # a stand-in costs what its specialist did
+    assert costs["mu-1-0"] == spent and costs["mu-0.5-0.5"]["cpu_s"] > 0
     entries = check_store(root).manifest.baselines.morlhf
     assert [e.preference for e in entries] == [[1.0, 0.0], [0.5, 0.5]]
     name = "adapter_model.safetensors"
@@ -271,7 +298,7 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
 def test_the_cost_ledger_adds_each_checkpoint_since_the_last(tmp_path):
     """A line per checkpoint with the steps since the previous one (a resumed clock starts at
     its checkpoint's step), none for an empty interval; run_cost sums them."""
-    from training.runs import CostClock, run_cost
+    from training.costs import CostClock, run_cost
 
     clock = CostClock(tmp_path, step=4)  # resumed at step 4
     sum(range(200_000))  # some CPU time

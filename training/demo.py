@@ -31,7 +31,7 @@ from model_store.gguf import SMOLLM2_FILE, SMOLLM2_PACKAGE, packaged_base
 from objectives.rewards import get_reward
 from objectives.scale import RewardScale, fit_reward_scale
 from training.backbone import BackboneTrainConfig, train_backbone
-from training.runs import run_cost
+from training.costs import record_build_costs, run_cost
 from training.sampling import SamplingSettings, load_samples, save_samples, score_samples
 from training.value import ValueTrainConfig, train_value_model
 
@@ -473,6 +473,7 @@ def build_demo(
         "seconds_last_call": round(time.monotonic() - started),
     }
     (store / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    record_build_costs(store, report, reuse)
     return store
 
 

@@ -42,6 +42,7 @@ from training.baselines import (
     record_baseline,
 )
 from training.common import TrainingError, guard_run_settings, load_base
+from training.costs import SAMPLES, record_store_cost, run_cost
 from training.runs import train_to_adapter
 from training.sampling import Sample
 
@@ -164,6 +165,7 @@ def train(config: ModpoConfig) -> list[tuple[tuple[float, ...], Path]]:
     grid = check_preferences(config.preferences or preference_grid(n), n)
     work = config.run.work_dir(task, "modpo")
     _, samples, scores = config.run.base_samples(task, work / "samples.jsonl")
+    record_store_cost(task.store, "modpo", SAMPLES, run_cost(work))  # the pairs' sampling
     trained = []
     for w in grid:
         label, k = preference_label(w), pair_objective(w)
@@ -184,6 +186,7 @@ def train(config: ModpoConfig) -> list[tuple[tuple[float, ...], Path]]:
             task.store / relative,
             config.run.progress,
         )
+        record_store_cost(task.store, "modpo", label, run_cost(out))
         record_baseline(task.store, "modpo", {"preference": list(w), "path": relative})
         trained.append((w, task.store / relative))
     return trained

@@ -28,6 +28,7 @@ from training.baselines import (
     record_baseline,
     store_task,
 )
+from training.costs import read_store_costs, record_store_cost, run_cost
 from training.runs import copy_adapter
 
 
@@ -69,6 +70,8 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
         relative = f"baselines/morlhf/{label}"
         if mu in specialists:
             copy_adapter(task.store / specialists[mu], task.store / relative)
+            name = Path(specialists[mu]).name  # its training cost is the specialist's
+            cost = read_store_costs(task.store).get("specialists", {}).get(name)
         else:
             run = BackboneTrainConfig(
                 base=task.base,
@@ -80,6 +83,8 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
                 **config.backbone,
             )
             train_backbone(run)
+            cost = run_cost(run.out)
+        record_store_cost(task.store, "morlhf", label, cost)
         record_baseline(task.store, "morlhf", {"preference": list(mu), "path": relative})
         trained.append((mu, task.store / relative))
     return trained

@@ -41,6 +41,7 @@ from training.common import (
     load_base,
     pick_device,
 )
+from training.costs import record_store_cost, run_cost, timed
 from training.runs import copy_adapter, train_to_adapter
 from training.sampling import Sample, generate_samples
 from training.scored import load_scored, save_scored, score_all
@@ -138,9 +139,10 @@ def _online_samples(run: FineTuneRun, task, adapter: Path, prompts, low, high, c
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     goals = sample_goals(len(prompts), low, high, random.Random(seed))
     tagged = [ric_prompt(p, g) for p, g in zip(prompts, goals, strict=True)]
-    samples = generate_samples(model, tokenizer, tagged, run.sampling, seed, run.progress)
-    plain = [dataclasses.replace(s, prompt=prompts[s.prompt_index]) for s in samples]
-    scores = score_all(plain, list(task.rewards), task.scale)
+    with timed(cache.parent, "sampling"):  # RiC's online stage is part of its training
+        samples = generate_samples(model, tokenizer, tagged, run.sampling, seed, run.progress)
+        plain = [dataclasses.replace(s, prompt=prompts[s.prompt_index]) for s in samples]
+        scores = score_all(plain, list(task.rewards), task.scale)
     save_scored(cache, plain, scores)
     return plain, scores
 
@@ -172,6 +174,8 @@ def train(config: RicConfig) -> Path:
     low, high = reward_range(scores)
     final = copy_adapter(adapter, task.store / "baselines" / "ric")
     entry = {"path": "baselines/ric", "reward_low": low, "reward_high": high}
+    folders = [work, *(work / f"round-{r}" for r in range(config.online_rounds + 1))]
+    record_store_cost(task.store, "ric", "ric", run_cost(*folders))  # sampling + SFT rounds
     record_baseline(task.store, "ric", entry)
     return final
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from objectives.rewards import RewardError
 from training.common import TrainingError, strict_json
+from training.costs import CostClock
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -154,58 +154,6 @@ class RunLog:
                         handle.write(strict_json(entry) + "\n")
 
         return _Recorder()
-
-
-COST_FILE = "cost.jsonl"
-
-
-class CostClock:
-    """Wall and CPU time of a training call, appended to ``out/cost.jsonl`` at every
-    checkpoint and at the end (one line each, so a resumed run, or one stopped between
-    checkpoints, adds up): what a method's training cost (Sec. 6.1) is read from."""
-
-    def __init__(self, out: Path, step: int = 0) -> None:
-        self.out, self.step = Path(out), step
-        self.wall, self.cpu = time.monotonic(), time.process_time()
-
-    def record(self, step: int) -> None:
-        """Append the steps, wall seconds and CPU seconds (all threads) since the last record,
-        up to optimizer step (or epoch) `step`."""
-        import torch
-
-        line = {
-            "steps": step - self.step,
-            "wall_s": round(time.monotonic() - self.wall, 1),
-            "cpu_s": round(time.process_time() - self.cpu, 1),
-            "threads": torch.get_num_threads(),
-        }
-        if line["steps"] > 0:
-            with (self.out / COST_FILE).open("a") as ledger:
-                ledger.write(json.dumps(line) + "\n")
-        self.step, self.wall, self.cpu = step, time.monotonic(), time.process_time()
-
-    def callback(self):
-        """A transformers TrainerCallback that records at every checkpoint save."""
-        from transformers import TrainerCallback
-
-        clock = self
-
-        class _CostCallback(TrainerCallback):
-            def on_save(self, args, state, control, **kwargs):
-                clock.record(state.global_step)
-
-        return _CostCallback()
-
-
-def run_cost(out: Path) -> dict:
-    """The ledger of a run folder summed over its calls: steps, wall_s, cpu_s (zeros if none)."""
-    path = Path(out) / COST_FILE
-    lines = (
-        [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        if path.is_file()
-        else []
-    )
-    return {k: round(sum(x[k] for x in lines), 1) for k in ("steps", "wall_s", "cpu_s")}
 
 
 def train_to_adapter(

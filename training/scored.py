@@ -14,6 +14,7 @@ import numpy as np
 from objectives.rewards import get_reward
 from objectives.scale import RewardScale
 from training.common import TrainingError
+from training.costs import timed
 from training.sampling import Sample, SamplingSettings, generate_samples
 
 
@@ -65,7 +66,8 @@ def scored_samples(
     their r~ per objective, from `cache` when it exists (written otherwise)."""
     if cache.is_file():
         return load_scored(cache)
-    samples = generate_samples(model, tokenizer, prompts, settings, seed, progress)
-    scores = score_all(samples, rewards, scale)
+    with timed(cache.parent, "sampling"):  # the method's data costs too (Sec. 6.1)
+        samples = generate_samples(model, tokenizer, prompts, settings, seed, progress)
+        scores = score_all(samples, rewards, scale)
     save_scored(cache, samples, scores)
     return samples, scores

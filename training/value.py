@@ -47,7 +47,7 @@ from training.common import (
     seed_everything,
     strict_json,
 )
-from training.runs import CostClock
+from training.costs import CostClock
 from training.sampling import (
     Sample,
     SamplingSettings,
