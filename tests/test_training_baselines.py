@@ -267,8 +267,11 @@ def test_modpo_through_trl_equals_the_modpo_loss(untrained, tmp_path):
 
 def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tmp_path):
     """At mu = e_i MORLHF's objective is the specialist's (Eq. 11 with w = e_i): with
-    --from-specialists those adapters are the specialists' files, never trained; a mixed mu
-    still trains its own."""
+    --from-specialists those entries name the specialists' folders (never trained, nor
+    copied) and load; a mixed mu still trains its own."""
+    from guidance.plan import build_plan
+    from model_store.loader import load_store
+
     root = tmp_path / "store"
     root.mkdir()
     write_tiny_base(root / "base")
@@ -288,9 +291,11 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
     assert costs["mu-1-0"] == spent and costs["mu-0.5-0.5"]["cpu_s"] > 0
     entries = check_store(root).manifest.baselines.morlhf
     assert [e.preference for e in entries] == [[1.0, 0.0], [0.5, 0.5]]
-    name = "adapter_model.safetensors"
-    specialist = (root / "specialists" / LENGTH / name).read_bytes()
-    assert (root / "baselines/morlhf/mu-1-0" / name).read_bytes() == specialist
+    assert entries[0].path == f"specialists/{LENGTH}"  # listed, not copied: stored once
+    assert not (root / "baselines/morlhf/mu-1-0").exists()
+    store = load_store(root, "cpu", "float32", preference_adapters=True)
+    plan = build_plan(store, "none", torch.tensor([1.0, 0.0], dtype=torch.float64), "morlhf")
+    assert plan.active_slots == (store.baseline_slots["morlhf:1,0"],)
     work = root.with_name("store-work") / "morlhf"
     assert not (work / "mu-1-0").exists() and (work / "mu-0.5-0.5" / "log.jsonl").is_file()
 

@@ -12,7 +12,8 @@ needs one run per preference, which is what merging avoids.
 
 Changed from the paper: GRPO instead of PPO (as for the backbones: no critic, cheap on CPU).
 Outputs: ``store/baselines/morlhf/mu-<w1>-<w2>...`` per mu, listed in the manifest's
-`baselines.morlhf`; checkpoints under ``work/mu-.../checkpoints`` (a re-run resumes each).
+`baselines.morlhf` (with --from-specialists, mu = e_i lists ``specialists/<objective>``);
+checkpoints under ``work/mu-.../checkpoints`` (a re-run resumes each).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from training.baselines import (
     store_task,
 )
 from training.costs import read_store_costs, record_store_cost, run_cost
-from training.runs import copy_adapter
 
 
 @dataclass(frozen=True)
@@ -68,9 +68,9 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
     for mu in grid:
         label = preference_label(mu)
         relative = f"baselines/morlhf/{label}"
-        if mu in specialists:
-            copy_adapter(task.store / specialists[mu], task.store / relative)
-            name = Path(specialists[mu]).name  # its training cost is the specialist's
+        if mu in specialists:  # the entry names the specialist's folder: no copy to store
+            relative = specialists[mu]
+            name = Path(relative).name  # and its training cost is the specialist's
             cost = read_store_costs(task.store).get("specialists", {}).get(name)
         else:
             run = BackboneTrainConfig(
