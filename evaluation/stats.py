@@ -37,8 +37,16 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("mage-i", "mage-i-mu"),
     ("oracle-bok", "bone-soup"),
     ("oracle-cd", "bone-soup"),
+    ("oracle-bok", "mage-e-m"),  # what a value model leaves of the oracle's room
+    ("oracle-bok", "mage-i-m"),
+    ("mage-e-m", "ric"),  # Table 2's discussed differences (Sec. 5.2)
+    ("mage-i-m", "ric"),
+    ("bone-soup", "morlhf"),
+    ("mage-e-m", "morlhf"),
+    ("mage-e-m", "modpo"),
+    ("mage-i-m", "modpo"),
 )
-"""The (a, b) pairs whose HV difference a - b the README discusses; beams are compared with
+"""The (a, b) pairs whose HV difference a - b the docs discuss; beams are compared with
 greedy mage-i-m, and each method at its tuned gamma with itself at gamma = 1."""
 
 

@@ -121,6 +121,10 @@ def test_default_pairs():
         ("beam-b2c1l5", "beam"),
         ("mage-e-m", "mage-e-m@g1"),
     ]
+    table2 = default_pairs(["bone-soup", "mage-e-m", "ric", "modpo", "morlhf", "oracle-bok"])
+    for pair in (("mage-e-m", "ric"), ("bone-soup", "morlhf"), ("mage-e-m", "modpo")):
+        assert pair in table2  # the differences the paper's Sec. 5.2 discusses
+    assert ("oracle-bok", "mage-e-m") in table2  # the value model's gap to the oracle
 
 
 TABLE_4_BEAMS = ("b2c1l5", "b2c2l5", "b2c1l10", "b2c2l10", "b4c1l10")
