@@ -169,6 +169,10 @@ def test_train_backbones_writes_a_valid_store(base, tmp_path, capsys):
     assert Path(checked.base_path) == base.resolve()
     assert not list(store.rglob("checkpoint-*"))  # training state stays outside the store
     assert (tmp_path / "store-work").is_dir()
+    from model_store.costs import read_store_costs
+
+    costs = read_store_costs(store)["backbones"]  # each backbone's training, for mage eval
+    assert len(costs) == 2 and all(c["steps"] == 1 and c["cpu_s"] > 0 for c in costs.values())
 
 
 def test_train_backbone_cli_trains_one(base, tmp_path, capsys):

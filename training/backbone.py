@@ -40,6 +40,7 @@ from training.common import (
     prompt_texts,
     seed_everything,
 )
+from training.costs import record_store_cost, run_cost
 from training.runs import RunLog, lora_config, train_to_adapter, trainer_args
 
 
@@ -305,7 +306,6 @@ def train_backbone_store(
     """
     from merging.coefficients import circulant_matrix
     from model_store.builder import circulant_backbone_weights, write_manifest
-    from model_store.manifest import MANIFEST_NAME, StoreManifest
 
     base = check_base(Path(base)).resolve()
     store = Path(store)
@@ -316,35 +316,9 @@ def train_backbone_store(
     weights = circulant_backbone_weights(rewards, beta)
     work = Path(work) if work else store.with_name(store.name + "-work")
     store.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"name": store.name, "guidance": {"explicit": [], "implicit": True}}
-    existing = store / MANIFEST_NAME
-    if existing.is_file():
-        try:
-            old = StoreManifest.model_validate_json(existing.read_text())
-        except ValueError as exc:
-            raise TrainingError(f"{existing}: unreadable manifest ({exc})") from None
-        if old.objectives == rewards:
-            keep = ("name", "alpha", "guidance", "defaults", "reward_scale")
-            manifest.update({k: v for k, v in old.model_dump().items() if k in keep})
+    manifest = _kept_manifest(store, rewards)
     if manifest.get("reward_scale") is None and scale_samples > 0:
-        from training.sampling import fit_scale_on_base
-
-        scale_path = work / "reward_scale.json"
-        if not scale_path.is_file():  # fitted once: a resumed build keeps its scale
-            fitted = fit_scale_on_base(
-                base,
-                rewards,
-                scale_samples,
-                max_prompts=settings.get("max_prompts"),  # type: ignore[arg-type]
-                max_new_tokens=int(settings.get("max_completion_length", 32)),  # type: ignore[arg-type]
-                seed=int(settings.get("seed", 0)),  # type: ignore[arg-type]
-                split=str(settings.get("split", "train")),
-            )
-            scale_path.parent.mkdir(parents=True, exist_ok=True)
-            scale_path.write_text(json.dumps(fitted, indent=2) + "\n")
-        manifest["reward_scale"] = json.loads(scale_path.read_text())
-    from objectives.scale import RewardScale
-
+        manifest["reward_scale"] = _fitted_scale(base, rewards, work, scale_samples, settings)
     spec = manifest.get("reward_scale")
     scale = None if spec is None else RewardScale(tuple(spec["center"]), tuple(spec["scale"]))
     base_entry = str(base)
@@ -363,6 +337,7 @@ def train_backbone_store(
             **settings,  # type: ignore[arg-type]
         )
         train_backbone(config)
+        record_store_cost(store, "backbones", _slug(objective), run_cost(config.out))
         backbones.append(
             {"name": f"bb-{objective}", "path": f"backbones/{_slug(objective)}", "weights": w_i}
         )
@@ -372,6 +347,45 @@ def train_backbone_store(
     manifest["beta"] = beta
     write_manifest(store, manifest)
     return store
+
+
+def _kept_manifest(store: Path, rewards: list[str]) -> dict:
+    """The start of the store's manifest: what an existing one with the same objectives set
+    (name, alpha, guidance, defaults, reward scale) is kept."""
+    from model_store.manifest import MANIFEST_NAME, StoreManifest
+
+    manifest: dict = {"name": store.name, "guidance": {"explicit": [], "implicit": True}}
+    existing = store / MANIFEST_NAME
+    if existing.is_file():
+        try:
+            old = StoreManifest.model_validate_json(existing.read_text())
+        except ValueError as exc:
+            raise TrainingError(f"{existing}: unreadable manifest ({exc})") from None
+        if old.objectives == rewards:
+            keep = ("name", "alpha", "guidance", "defaults", "reward_scale")
+            manifest.update({k: v for k, v in old.model_dump().items() if k in keep})
+    return manifest
+
+
+def _fitted_scale(base: Path, rewards: list[str], work: Path, samples: int, settings) -> dict:
+    """The reward scale fitted on `samples` base responses per training prompt, once: it is
+    kept in ``work/reward_scale.json``, so a resumed build keeps its scale."""
+    from training.sampling import fit_scale_on_base
+
+    scale_path = work / "reward_scale.json"
+    if not scale_path.is_file():
+        fitted = fit_scale_on_base(
+            base,
+            rewards,
+            samples,
+            max_prompts=settings.get("max_prompts"),
+            max_new_tokens=int(settings.get("max_completion_length", 32)),
+            seed=int(settings.get("seed", 0)),
+            split=str(settings.get("split", "train")),
+        )
+        scale_path.parent.mkdir(parents=True, exist_ok=True)
+        scale_path.write_text(json.dumps(fitted, indent=2) + "\n")
+    return json.loads(scale_path.read_text())
 
 
 def _slug(spec: str) -> str:
