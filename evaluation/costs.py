@@ -28,6 +28,8 @@ def method_parts(manifest: StoreManifest, method: EvalMethod) -> list[tuple[str,
         return [("ric", "ric")] if baselines.ric else []
     if method.merge.startswith("rewarded-soup") or method.policy == "logit-ensemble":
         parts = [("specialists", n) for n in _names(manifest.specialists)]
+    elif method.policy == "base" and method.mode.startswith("explicit"):
+        parts = []  # the SFT model itself (Observation 3's diagnostic), guided by V alone
     else:  # Bone Soup's backbones: the policy, and pi* of the implicit modes (Eq. 23)
         parts = [("backbones", n) for n in _names(manifest.backbones)]
     if method.mode.startswith("explicit"):  # the value models of Eq. (16) or the ARM kind

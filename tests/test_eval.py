@@ -101,20 +101,12 @@ def test_each_method_is_charged_the_parts_it_decodes_with(tiny_store, tmp_path):
     for component, seconds in (("backbones", 100.0), ("values", 10.0), ("specialists", 1.0)):
         for name in names:
             record_store_cost(store, component, name, {"steps": 1, "wall_s": 1, "cpu_s": seconds})
-    cost = {
-        m: method_training_cost(store, manifest, m)["train_cpu_s"]
-        for m in (
-            "bone-soup",
-            "mage-i-m",
-            "oracle-bok",
-            "mage-e-m",
-            "mage-e",
-            "rewarded-soup",
-            "mod",
-        )
-    }
-    assert cost == {"bone-soup": 200, "mage-i-m": 200, "oracle-bok": 200, "mage-e-m": 220,
-                    "mage-e": 220, "rewarded-soup": 2, "mod": 2}  # fmt: skip
+    expected = {
+        "bone-soup": 200, "mage-i-m": 200, "oracle-bok": 200, "lmc-implicit": 200,
+        "mage-e-m": 220, "mage-e": 220, "lmc-explicit": 20, "rewarded-soup": 2, "mod": 2,
+    }  # fmt: skip
+    cost = {m: method_training_cost(store, manifest, m)["train_cpu_s"] for m in expected}
+    assert cost == expected
 
 
 def test_batched_eval_matches_the_server_engine(tiny_store, tmp_path):
