@@ -9,7 +9,7 @@ from pathlib import Path
 from evaluation.methods import METHODS, EvalMethod
 from model_store.costs import SAMPLES, read_store_costs
 from model_store.manifest import StoreManifest
-from training.baselines import preference_label
+from objectives.preferences import preference_label
 
 
 def _names(specs) -> list[str]:

@@ -22,3 +22,9 @@ def preference_sweep(n_objectives: int, steps: int | None = None) -> tuple[tuple
 
     fill([], steps, n_objectives)
     return tuple(grid)
+
+
+def preference_label(mu) -> str:
+    """A folder name for a preference: (0.3, 0.7) -> 'mu-0.3-0.7' (the MORLHF and MODPO
+    adapters' folders, and their names in a store's training costs)."""
+    return "mu-" + "-".join(f"{round(float(w), 6):g}" for w in mu)

@@ -77,11 +77,6 @@ def parse_preferences(text: str, n: int) -> tuple[tuple[float, ...], ...]:
     return check_preferences(rows, n)
 
 
-def preference_label(mu) -> str:
-    """A folder name for a preference: (0.3, 0.7) -> 'mu-0.3-0.7'."""
-    return "mu-" + "-".join(f"{round(float(w), 6):g}" for w in mu)
-
-
 def record_baseline(store: Path, method: str, entry: object) -> None:
     """Write `entry` into the manifest's `baselines.<method>` (a preference entry replaces the
     one with the same preference; `ric` replaces the RiC spec) and refresh the checksums."""

@@ -34,11 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from objectives.preferences import preference_label
 from training.baselines import (
     FineTuneRun,
     check_preferences,
     preference_grid,
-    preference_label,
     record_baseline,
 )
 from training.common import TrainingError, guard_run_settings, load_base

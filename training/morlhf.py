@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from objectives.preferences import preference_label
 from training.backbone import BackboneTrainConfig, train_backbone
 from training.baselines import (
     check_preferences,
     preference_grid,
-    preference_label,
     record_baseline,
     store_task,
 )
