@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from model_store.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PICKLE_WEIGHTS
+from model_store.costs import COST_FILE, record_store_cost, recorded_cost, run_cost
 from model_store.errors import StoreError
 from model_store.manifest import StoreManifest
 from model_store.validate import CheckedStore, check_store, read_manifest, resolve, resolve_base
@@ -269,8 +270,6 @@ def _carry_costs(parts: StoreParts, root: Path) -> None:
     """The new store's training_costs.json (training/costs.py): each part's cost as the store
     it comes from recorded it, else the ledger of the `mage train` folder it was trained in
     (the folder itself or, for its ``adapter``, the one above). Unknown costs stay absent."""
-    from model_store.costs import COST_FILE, read_store_costs, record_store_cost, run_cost
-
     slugs = [_slug(o) for o in parts.objectives]
     sources = [
         *(("backbones", s, p) for s, p in zip(slugs, parts.backbones, strict=True)),
@@ -280,7 +279,7 @@ def _carry_costs(parts: StoreParts, root: Path) -> None:
     ]  # fmt: skip
     for component, name, source in sources:
         source = Path(source).resolve()
-        cost = read_store_costs(source.parent.parent).get(component, {}).get(source.name)
+        cost = recorded_cost(source.parent.parent, component, source.name)
         if cost is None:
             ledger = [f for f in (source, source.parent) if (f / COST_FILE).is_file()]
             cost = run_cost(ledger[0]) if ledger else None

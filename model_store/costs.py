@@ -39,6 +39,12 @@ def read_store_costs(store: Path) -> dict[str, dict[str, dict]]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def recorded_cost(store: Path, component: str, name: str) -> dict | None:
+    """The cost `store` recorded for one part (None: not on record, i.e. unknown): what a
+    part copied from that store costs."""
+    return read_store_costs(store).get(component, {}).get(name)
+
+
 def record_store_cost(store: Path, component: str, name: str, cost: dict | None) -> None:
     """Set one part's cost in the store's record (None: remove it, e.g. a part whose cost is
     unknown replaced one whose cost was known)."""

@@ -120,7 +120,7 @@ def test_mage_eval_runs_every_baseline(trained, tmp_path, capsys):
 def test_each_trained_baseline_records_its_training_cost_in_the_store(trained):
     """training_costs.json holds every adapter's CPU time, and MODPO's sampling pass (timed
     into the work folder's own ledger) once; RiC's is its sampling and rounds."""
-    from training.costs import read_store_costs, run_cost
+    from model_store.costs import read_store_costs, run_cost
 
     costs, work = read_store_costs(trained), trained.with_name("store-work")
     assert set(costs["morlhf"]) == set(costs["modpo"]) - {"samples"} == {"mu-1-0", "mu-0-1"}
@@ -281,7 +281,7 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
     manifest = read_manifest(root).model_dump()
     scale = {"center": [0.3, 0.2], "scale": [0.2, 0.1], "hv_reference": [-2, -2], "samples": 8}
     write_manifest(root, manifest | {"reward_scale": scale})
-    from training.costs import read_store_costs, record_store_cost
+    from model_store.costs import read_store_costs, record_store_cost
 
     spent = {"steps": 5, "wall_s": 7.0, "cpu_s": 6.0}
     record_store_cost(root, "specialists", LENGTH, spent)  # as a build records it

@@ -10,9 +10,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from model_store.costs import COST_FILE, SAMPLES, read_store_costs, record_store_cost, run_cost
+from model_store.costs import COST_FILE, SAMPLES, record_store_cost, recorded_cost, run_cost
 
-__all__ = ["SAMPLES", "CostClock", "record_build_costs", "record_store_cost", "run_cost", "timed"]
+__all__ = [
+    "SAMPLES",
+    "CostClock",
+    "record_build_costs",
+    "record_store_cost",
+    "recorded_cost",
+    "run_cost",
+    "timed",
+]
 
 
 class CostClock:
@@ -69,7 +77,6 @@ def record_build_costs(store: Path, report: dict, reused_from: Path | None) -> N
     """The store's record from a demo build's report (`mage store build-demo`): each trained
     part's ledger sum; a part copied from the store `reused_from` keeps the cost that store
     recorded for it (none where it recorded none: unknown, not zero)."""
-    previous = read_store_costs(reused_from) if reused_from else {}
     parts = [
         *(("backbones", entry) for entry in report["backbones"]),
         *(("specialists", entry) for entry in report["specialists"]),
@@ -78,7 +85,7 @@ def record_build_costs(store: Path, report: dict, reused_from: Path | None) -> N
     for component, entry in parts:
         name = Path(entry["path"]).name
         if "reused_from" in entry:
-            cost = previous.get(component, {}).get(name)
+            cost = recorded_cost(reused_from, component, name) if reused_from else None
         else:
             cost = entry.get("cost")
         record_store_cost(store, component, name, cost)

@@ -29,7 +29,7 @@ from training.baselines import (
     record_baseline,
     store_task,
 )
-from training.costs import read_store_costs, record_store_cost, run_cost
+from training.costs import record_store_cost, recorded_cost, run_cost
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def train(config: MorlhfConfig) -> list[tuple[tuple[float, ...], Path]]:
         if mu in specialists:  # the entry names the specialist's folder: no copy to store
             relative = specialists[mu]
             name = Path(relative).name  # and its training cost is the specialist's
-            cost = read_store_costs(task.store).get("specialists", {}).get(name)
+            cost = recorded_cost(task.store, "specialists", name)
         else:
             run = BackboneTrainConfig(
                 base=task.base,
