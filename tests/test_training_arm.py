@@ -90,6 +90,25 @@ def test_a_finished_run_called_again_does_not_retrain(trained, base):
     assert again.steps_run == 0 and again.metrics == result.metrics
 
 
+def test_a_resumed_run_reuses_the_base_scores_it_kept(trained, base, monkeypatch):
+    """The base's pass over every training pair runs once per folder: a resume (here, a run
+    whose metrics are gone) reads it back instead of loading the base again for it."""
+    import training.value_arm as arm
+
+    out, result = trained
+    kept = json.loads((out / "initial_scores.json").read_text())
+    assert kept["pair_loss"] == result.metrics["initial_train_pair_loss"]
+    calls = []
+    monkeypatch.setattr(arm, "arm_scores", lambda *a, **k: calls.append(a[1]) or kept)
+    (out / "metrics.json").rename(out / "metrics.moved")
+    try:
+        train_arm_value(_config(base, out))
+    finally:
+        (out / "metrics.moved").replace(out / "metrics.json")
+    train_samples = 6 * 4
+    assert [len(s) for s in calls if len(s) == train_samples] == [train_samples]  # after only
+
+
 def test_resume_refuses_another_beta(trained, base):
     from training.common import TrainingError
 

@@ -229,6 +229,18 @@ def _check(config: ArmTrainConfig) -> None:
     guard_run_settings(Path(run.out), wanted)
 
 
+def _initial_scores(config: ArmTrainConfig, train: list, cache: Path, device) -> dict:
+    """The base's pair loss and ranking accuracy on the training pairs, kept in `cache`: a
+    full pass over the samples (minutes on a CPU) that a resumed run need not repeat."""
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    base, _ = load_base(config.run.base, device)
+    before = arm_scores(base, train, config.beta, config.run.batch_size, device)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(strict_json(before) + "\n")
+    return before
+
+
 def train_arm_value(config: ArmTrainConfig) -> ArmTrainResult:
     """Sample and score (shared caches), train pi_r on the ranked pairs, save; resumable."""
     run = config.run
@@ -254,9 +266,7 @@ def train_arm_value(config: ArmTrainConfig) -> ArmTrainResult:
         if metrics.get("steps") == steps:
             return ArmTrainResult(adapter_dir, metrics, 0, None)
     device = pick_device(run.device)
-    base, _ = load_base(run.base, device)
-    before = arm_scores(base, train, config.beta, run.batch_size, device)
-    del base
+    before = _initial_scores(config, train, out / "initial_scores.json", device)
     _, steps_run, resumed, log = train_to_adapter(
         lambda log: _trainer(config, rows, steps, per_epoch, log),
         out,
