@@ -119,9 +119,10 @@ def _build_demo(args: argparse.Namespace) -> int:
 
     from evaluation.alone import validation_means
     from training.common import TrainingError
-    from training.demo import DEMO3, DEMO_ANSWER, DemoSettings, build_demo, quick
+    from training.demo import PRESET_FOLDERS, PRESETS, build_demo, quick
 
-    settings = {"three": DEMO3, "answer": DEMO_ANSWER}.get(args.preset, DemoSettings())
+    settings = PRESETS[args.preset]
+    args.out = args.out or Path(PRESET_FOLDERS[args.preset])
     if args.backbone_steps:
         settings = replace(settings, backbone_steps=args.backbone_steps)
     if args.seed < 0:
@@ -290,15 +291,17 @@ def add_store_commands(sub: argparse._SubParsersAction) -> None:
     rand.add_argument("--alpha", type=float, default=0.0)
     rand.set_defaults(func=_build_random)
     demo = store_sub.add_parser("build-demo", help="rebuild the demo store from scratch")
-    demo.add_argument("--out", type=Path, default=Path("demo/store"))
+    demo.add_argument(
+        "--out", type=Path, default=None, help="store folder (default: the preset's demo folder)"
+    )
     demo.add_argument("--work", type=Path, default=None, help="resumable work folder")
     demo.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
     demo.add_argument(
         "--preset",
-        choices=("two", "three", "answer"),
-        default="two",
-        help="two: relevance vs positivity (demo/store); three: + concise (demo/store3); "
-        "answer: answer-relevance vs positivity",
+        choices=("answer", "relevance", "three"),
+        default="answer",
+        help="answer: answer-relevance vs positivity (demo/store); relevance: relevance vs "
+        "positivity (demo/store-relevance); three: relevance, positivity, concise (demo/store3)",
     )
     demo.add_argument(
         "--only",

@@ -11,7 +11,7 @@ the scale used. The policy stays the one the store was trained for; a store retr
 candidate task samples differently, so this measures how much the candidate's reward
 separates a realistic policy's own answers, which is what guidance can exploit.
 
-    python -m evaluation.room --run runs/room/current --store demo/store \\
+    python -m evaluation.room --run runs/room/current --store demo/store-relevance \\
         --task current=relevance,positivity --task novel=answer-relevance,positivity
 """
 

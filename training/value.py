@@ -99,7 +99,7 @@ class ValueTrainConfig:
     keep_checkpoints: int = 2
     best_epoch: bool = True
     """Export the epoch with the best validation ranking accuracy (last token) instead of the
-    last one: early stopping on held-out pairs (the demo's relevance model fell from 0.751 to
+    last one: early stopping on held-out pairs (the relevance store's value model fell from 0.751 to
     0.720 between epochs 4 and 5 while its training loss kept falling). That epoch's
     checkpoint is never pruned. Without validation samples: the last epoch."""
     progress: bool = True
