@@ -163,7 +163,7 @@ def openai_body_types(settings: ServerSettings) -> tuple[Any, Any]:
                 "examples": [
                     {
                         "messages": [{"role": "user", "content": "My flight was cancelled."}],
-                        "preference": {"relevance": 0.3, "positivity": 0.7},
+                        "preference": {"answer-relevance": 0.3, "positivity": 0.7},
                     }
                 ]
             },
