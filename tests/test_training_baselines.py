@@ -265,6 +265,43 @@ def test_modpo_through_trl_equals_the_modpo_loss(untrained, tmp_path):
     assert loss == pytest.approx(expected, rel=1e-4)
 
 
+def test_modpo_computes_the_reference_once_for_every_w_of_the_same_pairs(
+    untrained, tmp_path, monkeypatch
+):
+    """The grid's w share one pair set, so the base's log-probabilities are kept in the work
+    folder after the first adapter: the next trainer reads them (no reference pass) and shifts
+    them by its own margins."""
+    from trl import DPOTrainer
+
+    from training.baselines import FineTuneRun
+    from training.modpo import ModpoConfig, _trainer, ref_logps_file
+    from training.runs import RunLog
+
+    rows = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8, 0], "rejected_ids": [9, 0],
+             "chosen_margin": 0.0, "rejected_margin": 0.0}]  # fmt: skip
+    config = ModpoConfig(run=FineTuneRun(store=untrained, progress=False, device="cpu"), beta=0.5)
+    cache = ref_logps_file(tmp_path / "ref-logps", untrained / "base", rows)
+    first = _trainer(config, untrained / "base", rows, 1.0, tmp_path / "a", RunLog(tmp_path), cache)
+    assert json.loads(cache.read_text())["chosen"] == list(first.train_dataset["ref_chosen_logps"])
+
+    def no_second_pass(*_):
+        raise AssertionError("the reference was computed again")
+
+    monkeypatch.setattr(DPOTrainer, "_precompute_ref_logps", no_second_pass)
+    shifted = [row | {"chosen_margin": 0.4, "rejected_margin": -0.2} for row in rows]
+    assert ref_logps_file(tmp_path / "ref-logps", untrained / "base", shifted) == cache
+    second = _trainer(
+        config, untrained / "base", shifted, 0.5, tmp_path / "b", RunLog(tmp_path), cache
+    )
+    data, before = second.train_dataset, first.train_dataset
+    assert data["ref_chosen_logps"][0] == pytest.approx(before["ref_chosen_logps"][0] + 0.4 / 0.5)
+    assert data["ref_rejected_logps"][0] == pytest.approx(
+        before["ref_rejected_logps"][0] - 0.2 / 0.5
+    )
+    other = [row | {"rejected_ids": [10, 0]} for row in rows]
+    assert ref_logps_file(tmp_path / "ref-logps", untrained / "base", other) != cache
+
+
 def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tmp_path):
     """At mu = e_i MORLHF's objective is the specialist's (Eq. 11 with w = e_i): with
     --from-specialists those entries name the specialists' folders (never trained, nor
