@@ -109,6 +109,15 @@ def test_committed_demo_stores_are_complete_and_valid(
     assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES
 
 
+def test_the_demo_store_carries_its_trained_ric_adapter():
+    """Table 2's RiC row reruns from a clean clone: the answer store names its RiC adapter,
+    checksummed, with the reward range its preference-to-reward map needs."""
+    manifest = check_store(DEMO / "store").manifest
+    ric = manifest.baselines.ric
+    assert ric is not None and f"{ric.path}/adapter_model.safetensors" in manifest.checksums
+    assert all(low < high for low, high in zip(ric.reward_low, ric.reward_high, strict=True))
+
+
 def test_make_serve_store3_steers_three_objectives():
     """`make serve STORE=demo/store3`: three objectives over HTTP, lambda = B^-1 mu (Eq. 13)."""
     store = load_store(DEMO / "store3", "cpu", "float32")
