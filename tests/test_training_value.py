@@ -207,7 +207,7 @@ def test_a_finished_run_exports_its_best_validation_epoch(trained, base, tmp_pat
 def test_optimizer_checkpoint_is_safetensors_and_resumes_exactly(tmp_path):
     """An optimizer saved mid-run and loaded into a fresh one takes the same next step as
     the uninterrupted run (Adam's moments and step count survive), with no pickle written."""
-    from training.value import _load_optimizer, _save_optimizer
+    from training.optimizer_state import load_optimizer, save_optimizer
 
     def run(param, optim, steps):
         for _ in range(steps):
@@ -220,13 +220,13 @@ def test_optimizer_checkpoint_is_safetensors_and_resumes_exactly(tmp_path):
     straight = torch.nn.Parameter(start.clone())
     optim = torch.optim.AdamW([straight], lr=0.1)
     run(straight, optim, 3)
-    _save_optimizer(optim, tmp_path, {"epoch": 3})
+    save_optimizer(optim, tmp_path, {"epoch": 3})
     snapshot = straight.detach().clone()
     run(straight, optim, 2)
 
     resumed = torch.nn.Parameter(snapshot)
     fresh = torch.optim.AdamW([resumed], lr=0.1)
-    assert _load_optimizer(fresh, tmp_path) == {"epoch": 3}
+    assert load_optimizer(fresh, tmp_path) == {"epoch": 3}
     run(resumed, fresh, 2)
     torch.testing.assert_close(resumed.detach(), straight.detach(), rtol=0, atol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["optimizer.safetensors", "state.json"]

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from model_store.value_head import ValueHead, load_value_head, save_value_head
@@ -48,6 +48,7 @@ from training.common import (
     strict_json,
 )
 from training.costs import CostClock
+from training.optimizer_state import load_optimizer, save_optimizer
 from training.sampling import (
     Sample,
     SamplingSettings,
@@ -307,43 +308,13 @@ def _save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp / "adapter"), safe_serialization=True)
     save_value_head(head.to_value_head(), tmp / "head.safetensors")
-    _save_optimizer(optim, tmp, {"epoch": epoch, "history": history})
+    save_optimizer(optim, tmp, {"epoch": epoch, "history": history})
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     names = (p.name.split("-")[1] for p in final.parent.glob("epoch-*"))
     saved = [int(name) for name in names if name.isdigit()]  # not a half-written "3.tmp"
     for old in pruned_epochs(saved, keep, spare):
         shutil.rmtree(final.parent / f"epoch-{old}", ignore_errors=True)
-
-
-def _save_optimizer(optim: torch.optim.Optimizer, folder: Path, extra: dict) -> None:
-    """The optimizer's tensors as safetensors, the rest as JSON (no pickle, even for our own
-    checkpoints); state.json is written last and marks the checkpoint complete."""
-    saved = optim.state_dict()
-    tensors = {
-        f"{index}/{name}": value.contiguous()
-        for index, slots in saved["state"].items()
-        for name, value in slots.items()
-        if torch.is_tensor(value)
-    }
-    plain = {
-        str(index): {k: v for k, v in slots.items() if not torch.is_tensor(v)}
-        for index, slots in saved["state"].items()
-    }
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    state = {**extra, "param_groups": saved["param_groups"], "plain_state": plain}
-    (folder / "state.json").write_text(json.dumps(state))
-
-
-def _load_optimizer(optim: torch.optim.Optimizer, folder: Path) -> dict:
-    """Inverse of `_save_optimizer`; returns the extra fields (epoch, history)."""
-    state = json.loads((folder / "state.json").read_text())
-    slots: dict[int, dict] = {int(i): dict(v) for i, v in state.pop("plain_state").items()}
-    for key, value in load_file(str(folder / "optimizer.safetensors")).items():
-        index, name = key.split("/", 1)
-        slots.setdefault(int(index), {})[name] = value
-    optim.load_state_dict({"state": slots, "param_groups": state.pop("param_groups")})
-    return state
 
 
 def _load_checkpoint(path: Path, model: PeftModel, head: TiedHeadModule, optim) -> dict:
@@ -353,7 +324,7 @@ def _load_checkpoint(path: Path, model: PeftModel, head: TiedHeadModule, optim) 
         with torch.no_grad():
             for name, param in head.named_parameters():
                 param.copy_(saved.tensors[name])
-        state = _load_optimizer(optim, path)
+        state = load_optimizer(optim, path)
     except Exception as exc:  # any corrupt piece: name the checkpoint
         raise TrainingError(f"{path}: cannot resume from this checkpoint ({exc})") from None
     return state
@@ -414,17 +385,9 @@ def _train_epoch(
     return total / len(train)
 
 
-def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
-    """Sample, score, train LoRA + tied head by Eq. (16), save; resumes from checkpoints."""
-    config.out = Path(config.out)
-    try:
-        get_reward(config.objective)  # fail fast on a bad spec (the model loads on first use)
-    except RewardError as exc:
-        raise TrainingError(f"--objective: {exc}") from None
-    _check_run_file(config)
-    device = pick_device(config.device)
-    seed_everything(config.seed)
-    model, tokenizer = load_base(config.base, device)
+def _scored_samples(config: ValueTrainConfig, model, tokenizer) -> tuple[list, list]:
+    """Train and validation samples, each with its reward on the store's scale when one is
+    given (the caches keep raw rewards; V regresses r~)."""
     train = _prepare_samples(
         config, config.train_split, config.max_train_prompts, "train", model, tokenizer, config.seed
     )
@@ -433,11 +396,16 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     )
     if not train:
         raise TrainingError(f"prompt split {config.train_split!r} gave no training samples")
-    if config.reward_scale is not None:  # the caches keep raw rewards; V regresses r~
+    if config.reward_scale is not None:
         if len(config.reward_scale.center) != 1:
             raise TrainingError("a value model's reward scale has one center and one scale")
         for sample in (*train, *val):
             sample.reward = config.reward_scale.apply(0, [sample.reward])[0]
+    return train, val
+
+
+def _trainable(config: ValueTrainConfig, model, device):
+    """The LoRA over the frozen base, the tied head of Eq. (16), and Adam over both."""
     for p in model.parameters():
         p.requires_grad_(False)
     lora = LoraConfig(
@@ -453,7 +421,12 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     head = TiedHeadModule(hidden, vocab, config.head_init_std, config.seed).to(device)
     params = [p for p in peft_model.parameters() if p.requires_grad] + list(head.parameters())
     optim = torch.optim.Adam(params, lr=config.lr)  # Adam, as in Sec. 5.2.2
+    return peft_model, head, optim
 
+
+def _run_epochs(config: ValueTrainConfig, peft_model, head, optim, train, val, device):
+    """Train to `config.epochs`, resuming from the latest checkpoint; returns (history, the
+    training MSE before any step, the epoch this call started at, the checkpoint resumed)."""
     history: list[dict] = []
     start_epoch, resumed = 0, None
     latest = _latest_checkpoint(config.out)
@@ -477,7 +450,25 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
             config.out, epoch + 1, peft_model, head, optim, history, config.keep_checkpoints, spare
         )
         clock.record(epoch + 1)
+    return history, initial, start_epoch, resumed
 
+
+def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
+    """Sample, score, train LoRA + tied head by Eq. (16), save; resumes from checkpoints."""
+    config.out = Path(config.out)
+    try:
+        get_reward(config.objective)  # fail fast on a bad spec (the model loads on first use)
+    except RewardError as exc:
+        raise TrainingError(f"--objective: {exc}") from None
+    _check_run_file(config)
+    device = pick_device(config.device)
+    seed_everything(config.seed)
+    model, tokenizer = load_base(config.base, device)
+    train, val = _scored_samples(config, model, tokenizer)
+    peft_model, head, optim = _trainable(config, model, device)
+    history, initial, start_epoch, resumed = _run_epochs(
+        config, peft_model, head, optim, train, val, device
+    )
     chosen = _choose_epoch(config, history, peft_model, head, optim)
     adapter_dir, head_path = config.out / "adapter", config.out / "head.safetensors"
     finished = None
@@ -485,6 +476,7 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
         finished = _exported_metrics(config.out, adapter_dir, head_path, chosen, history)
     if finished is not None:  # a finished run called again (a resumed build): its export stands
         return ValueTrainResult(adapter_dir, head_path, finished, 0, resumed)
+    bs = config.batch_size
     metrics = {
         "objective": config.objective,
         "epoch": chosen,
