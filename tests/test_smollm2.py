@@ -109,13 +109,17 @@ def test_committed_demo_stores_are_complete_and_valid(
     assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES
 
 
-def test_the_demo_store_carries_its_trained_ric_adapter():
-    """Table 2's RiC row reruns from a clean clone: the answer store names its RiC adapter,
-    checksummed, with the reward range its preference-to-reward map needs."""
+def test_the_demo_store_carries_its_trained_ric_and_modpo_adapters():
+    """Table 2's RiC and MODPO rows rerun from a clean clone: the answer store names its RiC
+    adapter (with the reward range its preference-to-reward map needs) and one MODPO adapter
+    per preference of the evaluation grid, each checksummed."""
     manifest = check_store(DEMO / "store").manifest
-    ric = manifest.baselines.ric
+    ric, modpo = manifest.baselines.ric, manifest.baselines.modpo
     assert ric is not None and f"{ric.path}/adapter_model.safetensors" in manifest.checksums
     assert all(low < high for low, high in zip(ric.reward_low, ric.reward_high, strict=True))
+    grid = [[1.0, 0.0], [0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8], [0.0, 1.0]]
+    assert sorted(e.preference for e in modpo) == sorted(grid)
+    assert all(f"{e.path}/adapter_model.safetensors" in manifest.checksums for e in modpo)
 
 
 def test_make_serve_store3_steers_three_objectives():
