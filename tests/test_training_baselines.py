@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import httpx
@@ -335,6 +336,39 @@ def test_morlhf_from_specialists_takes_e_i_from_the_store_and_trains_the_rest(tm
     assert plan.active_slots == (store.baseline_slots["morlhf:1,0"],)
     work = root.with_name("store-work") / "morlhf"
     assert not (work / "mu-1-0").exists() and (work / "mu-0.5-0.5" / "log.jsonl").is_file()
+
+
+def test_a_runs_cost_includes_building_its_trainer(tmp_path):
+    """Building a trainer can be most of a run (MODPO precomputes its reference there), so the
+    ledger's clock starts before it: a trainer that costs nothing to train still records the
+    CPU its set-up took."""
+    from types import SimpleNamespace
+
+    from training.costs import run_cost
+    from training.runs import train_to_adapter
+
+    class Trainer:  # what train_to_adapter touches of a TRL trainer
+        state = SimpleNamespace(global_step=0)
+        model = SimpleNamespace(save_pretrained=lambda *_, **__: None)
+
+        def add_callback(self, _):
+            pass
+
+        def remove_callback(self, _):
+            pass
+
+        def train(self, resume_from_checkpoint=None):
+            self.state.global_step = 3
+
+    def costly_set_up(_log):
+        started = time.process_time()
+        while time.process_time() - started < 0.2:
+            pass
+        return Trainer()
+
+    train_to_adapter(costly_set_up, tmp_path, 3, tmp_path / "adapter", False)
+    cost = run_cost(tmp_path)
+    assert cost["steps"] == 3 and cost["cpu_s"] >= 0.2
 
 
 def test_the_cost_ledger_adds_each_checkpoint_since_the_last(tmp_path):

@@ -175,9 +175,10 @@ def train_to_adapter(
         copy_adapter(resume, adapter_dir)
         return done, 0, resume, log
     out.mkdir(parents=True, exist_ok=True)
+    # before the trainer: building it is cost too (MODPO precomputes its reference there)
+    clock = CostClock(out, done or 0)
     trainer = make_trainer(log)
     print_logs_as_json(trainer, progress)
-    clock = CostClock(out, done or 0)
     trainer.add_callback(clock.callback())  # type: ignore[attr-defined]
     try:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)  # type: ignore[attr-defined]
