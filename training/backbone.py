@@ -39,6 +39,7 @@ from training.common import (
     pick_device,
     prompt_texts,
     seed_everything,
+    write_whole,
 )
 from training.costs import record_store_cost, run_cost
 from training.runs import RunLog, lora_config, train_to_adapter, trainer_args
@@ -383,8 +384,7 @@ def _fitted_scale(base: Path, rewards: list[str], work: Path, samples: int, sett
             seed=int(settings.get("seed", 0)),
             split=str(settings.get("split", "train")),
         )
-        scale_path.parent.mkdir(parents=True, exist_ok=True)
-        scale_path.write_text(json.dumps(fitted, indent=2) + "\n")
+        write_whole(scale_path, json.dumps(fitted, indent=2) + "\n")
     return json.loads(scale_path.read_text())
 
 

@@ -114,8 +114,17 @@ def guard_run_settings(out: Path, wanted: dict) -> None:
                 f"({', '.join(changed)}); use a new output folder or delete this one"
             )
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(wanted, indent=2) + "\n")
+        write_whole(path, json.dumps(wanted, indent=2) + "\n")
+
+
+def write_whole(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all: into a file beside it, then an atomic
+    rename. A run killed mid-write leaves the old file (or none) and a stray `.partial`, never
+    a torn file that a resumed run fails to parse."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
 
 
 def finite_or_none(value: object) -> object:

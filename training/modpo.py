@@ -46,7 +46,7 @@ from training.baselines import (
     preference_grid,
     record_baseline,
 )
-from training.common import TrainingError, guard_run_settings, load_base
+from training.common import TrainingError, guard_run_settings, load_base, write_whole
 from training.costs import SAMPLES, record_store_cost, run_cost
 from training.runs import train_to_adapter
 from training.sampling import Sample
@@ -143,10 +143,7 @@ def margin_dpo_trainer_class(beta: float, ref_cache: Path | None = None):
             if ref_cache is not None:
                 kept = {"chosen": list(with_ref["ref_chosen_logps"])}
                 kept["rejected"] = list(with_ref["ref_rejected_logps"])
-                ref_cache.parent.mkdir(parents=True, exist_ok=True)
-                partial = ref_cache.with_suffix(".partial")
-                partial.write_text(json.dumps(kept))
-                partial.replace(ref_cache)  # whole or absent: a stopped run recomputes
+                write_whole(ref_cache, json.dumps(kept))  # a stopped run recomputes
             return with_ref
 
         def _precompute_ref_logps(self, dataset, name, batch_size):

@@ -18,7 +18,14 @@ from transformers import PreTrainedModel
 
 from objectives.rewards import get_reward
 from objectives.scale import fit_reward_scale
-from training.common import TrainingError, encode_prompt, load_base, pick_device, prompt_texts
+from training.common import (
+    TrainingError,
+    encode_prompt,
+    load_base,
+    pick_device,
+    prompt_texts,
+    write_whole,
+)
 
 
 @dataclass
@@ -131,12 +138,7 @@ def score_samples(samples: list[Sample], reward: Callable[..., list[float]]) -> 
 
 
 def save_samples(samples: list[Sample], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for sample in samples:
-            handle.write(json.dumps(asdict(sample), ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_whole(path, "".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in samples))
 
 
 def load_samples(path: Path) -> list[Sample]:

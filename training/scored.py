@@ -13,7 +13,7 @@ import numpy as np
 
 from objectives.rewards import get_reward
 from objectives.scale import RewardScale
-from training.common import TrainingError
+from training.common import TrainingError, write_whole
 from training.costs import timed
 from training.sampling import Sample, SamplingSettings, generate_samples
 
@@ -30,12 +30,11 @@ def score_all(samples: list[Sample], rewards: list[str], scale: RewardScale | No
 
 def save_scored(path: Path, samples: list[Sample], scores: np.ndarray) -> None:
     """One JSON line per sample with its `scores` (r~ per objective)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for sample, row in zip(samples, scores.tolist(), strict=True):
-            handle.write(json.dumps({**asdict(sample), "scores": row}, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    rows = zip(samples, scores.tolist(), strict=True)
+    write_whole(
+        path,
+        "".join(json.dumps({**asdict(s), "scores": r}, ensure_ascii=False) + "\n" for s, r in rows),
+    )
 
 
 def load_scored(path: Path) -> tuple[list[Sample], np.ndarray]:

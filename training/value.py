@@ -46,6 +46,7 @@ from training.common import (
     prompt_texts,
     seed_everything,
     strict_json,
+    write_whole,
 )
 from training.costs import CostClock
 from training.optimizer_state import load_optimizer, save_optimizer
@@ -488,6 +489,6 @@ def train_value_model(config: ValueTrainConfig) -> ValueTrainResult:
     }
     peft_model.save_pretrained(str(adapter_dir), safe_serialization=True)
     save_value_head(head.to_value_head(), head_path)
-    (config.out / "metrics.json").write_text(strict_json(metrics, indent=2) + "\n")
+    write_whole(config.out / "metrics.json", strict_json(metrics, indent=2) + "\n")
     epochs_run = max(0, config.epochs - start_epoch)
     return ValueTrainResult(adapter_dir, head_path, metrics, epochs_run, resumed)

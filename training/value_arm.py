@@ -50,6 +50,7 @@ from training.common import (
     pick_device,
     seed_everything,
     strict_json,
+    write_whole,
 )
 from training.runs import lora_config, train_to_adapter, trainer_args
 from training.sampling import Sample
@@ -236,8 +237,7 @@ def _initial_scores(config: ArmTrainConfig, train: list, cache: Path, device) ->
         return json.loads(cache.read_text())
     base, _ = load_base(config.run.base, device)
     before = arm_scores(base, train, config.beta, config.run.batch_size, device)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(strict_json(before) + "\n")
+    write_whole(cache, strict_json(before) + "\n")
     return before
 
 
@@ -295,5 +295,5 @@ def train_arm_value(config: ArmTrainConfig) -> ArmTrainResult:
         else None,
         "history": log.history,
     }
-    metrics_path.write_text(strict_json(metrics, indent=2) + "\n")
+    write_whole(metrics_path, strict_json(metrics, indent=2) + "\n")
     return ArmTrainResult(adapter_dir, metrics, steps_run, resumed)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from training.common import TrainingError, strict_json
+from training.common import TrainingError, strict_json, write_whole
 from training.sampling import load_samples, save_samples
 from training.value import ValueTrainConfig, train_value_model
 
@@ -31,9 +31,9 @@ def learning_curve(config: ValueTrainConfig, samples: Path, sizes: list[int]) ->
         out = Path(config.out) / f"prompts-{n}"
         out.mkdir(parents=True, exist_ok=True)
         subset = [s for s in train if s.prompt_index < n]
-        if not (out / "samples-train.jsonl").is_file():  # the same responses, fewer prompts
+        if not (out / "samples-val.jsonl").is_file():  # the same responses, fewer prompts
             save_samples(subset, out / "samples-train.jsonl")
-            save_samples(val, out / "samples-val.jsonl")
+            save_samples(val, out / "samples-val.jsonl")  # last: its presence means both
         run = dataclasses.replace(config, out=out, max_train_prompts=n)
         metrics = train_value_model(run).metrics
         validation = metrics["validation"] or {}
@@ -45,5 +45,5 @@ def learning_curve(config: ValueTrainConfig, samples: Path, sizes: list[int]) ->
                 "pairs": validation.get("pairs"),
             }
         )
-        (Path(config.out) / "curve.json").write_text(strict_json(rows, indent=2) + "\n")
+        write_whole(Path(config.out) / "curve.json", strict_json(rows, indent=2) + "\n")
     return rows
