@@ -264,6 +264,74 @@ def _policy_adapter_slots(store: LoadedStore, adapters: str, mu: list[float]) ->
     )
 
 
+def _check_plan_options(mode: str, policy: str, pistar_merge: str | None, implicit_mix: str):
+    if policy not in ("merged", "logit-ensemble", "base"):
+        raise ValueError(f"unknown policy {policy!r}: 'merged', 'logit-ensemble' or 'base'")
+    if policy == "logit-ensemble" and mode != "none":
+        raise ValueError("the logit-ensemble policy (MOD) takes no guidance: mode must be 'none'")
+    if pistar_merge is not None and mode != "implicit":
+        raise ValueError("pistar_merge applies to the merged implicit mode only")
+    if implicit_mix not in ("lambda", "mu"):
+        raise ValueError(f"implicit_mix must be 'lambda' or 'mu', got {implicit_mix!r}")
+
+
+def _policy_rows(
+    store: LoadedStore, method: MergeMethod, policy: str, mu: list[float]
+) -> tuple[list[dict[int, float]], tuple[int, ...], tuple[float, ...]]:
+    """(rows, policy_rows, policy_mix): each row maps adapter slot -> coefficient. The merged
+    policy is one row, its coefficients the method's map with extrapolation alpha (Eq. 13);
+    MOD is pi_i alone in row i, mixed by mu."""
+    matrix, alpha = store.checked.combination_matrix, store.checked.manifest.alpha
+    adapter_slots = _policy_adapter_slots(store, method.adapters, mu)
+    if policy == "logit-ensemble":
+        return [{slot: 1.0} for slot in adapter_slots], tuple(range(len(mu))), tuple(mu)
+    coefficients = [] if policy == "base" else _apply(linear_map(method, matrix, alpha), mu)
+    return [dict(zip(adapter_slots, coefficients, strict=False))], (0,), (1.0,)
+
+
+def _add_implicit_rows(
+    store: LoadedStore,
+    rows: list[dict[int, float]],
+    mode: str,
+    mu: list[float],
+    pistar_merge: str | None,
+    implicit_mix: str,
+) -> tuple[int, tuple[int, ...], tuple[float, ...]]:
+    """Append pi_ref (the bare base) and the pi* rows of Eq. (23) to `rows`; return
+    (reference_row, pistar_rows, mix)."""
+    matrix = store.checked.combination_matrix
+    rows.append({})  # pi_ref: the bare base
+    reference_row = len(rows) - 1
+    if mode == "implicit" and pistar_merge is None:
+        return reference_row, (0,), (1.0,)  # pi*_merged is the Bone Soup merge: the policy row
+    if mode == "implicit":
+        pistar = _apply(linear_map(get_merge_method(pistar_merge), matrix, 0.0), mu)
+        rows.append(dict(zip(store.backbone_slots, pistar, strict=True)))
+        return reference_row, (len(rows) - 1,), (1.0,)
+    # MAGE-I: each backbone alone as pi*_i (Eq. 23), weighed by lambda = B^-1 mu
+    first = len(rows)
+    rows += [{slot: 1.0} for slot in store.backbone_slots]
+    lambdas = _apply(linear_map(get_merge_method("bone-soup"), matrix, 0.0), mu)
+    mix = lambdas if implicit_mix == "lambda" else mu
+    return reference_row, tuple(range(first, len(rows))), tuple(mix)
+
+
+def _add_explicit_rows(
+    store: LoadedStore, rows: list[dict[int, float]], mode: str, mu: list[float]
+) -> tuple[tuple[ValueSource, ...], tuple[float, ...], tuple[int, ...]]:
+    """Append the value models' rows (Eq. 16; merged by mu, Eq. 24) to `rows`; return
+    (values, mix, arm_rows)."""
+    if store.value_kind is None:
+        raise ValueError("this store has no explicit value models")
+    if store.value_kind == "arm":
+        value_rows, arm_rows, mix = arm_values(store, mode, mu, first_row=len(rows))
+        rows += value_rows
+        return (), mix, arm_rows
+    value_rows, sources = _value_sources(store, mode, mu, first_row=len(rows))
+    rows += value_rows
+    return tuple(sources), tuple(mu) if mode == "explicit-ensemble" else (1.0,), ()
+
+
 def build_plan(
     store: LoadedStore,
     mode: str,
@@ -284,56 +352,19 @@ def build_plan(
     lambda_i, lambda = B^-1 mu: backbone i was trained on h_i = w_i^T r (Eq. 11), so
     sum_i lambda_i h_i = (B lambda)^T r = mu^T r (Eq. 12), the reward the user asked for.
     `implicit_mix="mu"` keeps the earlier weighting by mu ((B mu)^T r), as an ablation."""
-    if policy not in ("merged", "logit-ensemble", "base"):
-        raise ValueError(f"unknown policy {policy!r}: 'merged', 'logit-ensemble' or 'base'")
-    if policy == "logit-ensemble" and mode != "none":
-        raise ValueError("the logit-ensemble policy (MOD) takes no guidance: mode must be 'none'")
-    if pistar_merge is not None and mode != "implicit":
-        raise ValueError("pistar_merge applies to the merged implicit mode only")
-    if implicit_mix not in ("lambda", "mu"):
-        raise ValueError(f"implicit_mix must be 'lambda' or 'mu', got {implicit_mix!r}")
-    n, weights = store.n_objectives, mu.tolist()
-    matrix, alpha = store.checked.combination_matrix, store.checked.manifest.alpha
+    _check_plan_options(mode, policy, pistar_merge, implicit_mix)
+    weights = mu.tolist()
     method = get_merge_method(merge_method)
-    adapter_slots = _policy_adapter_slots(store, method.adapters, weights)
+    matrix = store.checked.combination_matrix
     lambdas = _apply(linear_map(method, matrix, 0.0), weights)
-    rows: list[dict[int, float]]  # each row: adapter slot -> coefficient
-    if policy != "logit-ensemble":
-        coefficients = (
-            [] if policy == "base" else _apply(linear_map(method, matrix, alpha), weights)
-        )
-        rows = [dict(zip(adapter_slots, coefficients, strict=False))]
-        policy_rows, policy_mix = (0,), (1.0,)
-    else:  # MOD: pi_i alone in row i
-        rows = [{slot: 1.0} for slot in adapter_slots]
-        policy_rows, policy_mix = tuple(range(n)), tuple(weights)
+    rows, policy_rows, policy_mix = _policy_rows(store, method, policy, weights)
     reference_row, pistar_rows, values, mix, arm_rows = None, (), (), (1.0,), ()
     if mode.startswith("implicit"):
-        rows.append({})  # pi_ref: the bare base
-        reference_row = len(rows) - 1
-        if mode == "implicit" and pistar_merge is None:
-            pistar_rows = (0,)  # pi*_merged is the Bone Soup merge: the policy row itself
-        elif mode == "implicit":
-            pistar = _apply(linear_map(get_merge_method(pistar_merge), matrix, 0.0), weights)
-            rows.append(dict(zip(store.backbone_slots, pistar, strict=True)))
-            pistar_rows = (len(rows) - 1,)
-        else:  # MAGE-I: each backbone alone as pi*_i (Eq. 23)
-            rows += [{slot: 1.0} for slot in store.backbone_slots]
-            pistar_rows = tuple(range(len(rows) - n, len(rows)))
-            backbone_lambdas = _apply(
-                linear_map(get_merge_method("bone-soup"), matrix, 0.0), weights
-            )
-            mix = tuple(backbone_lambdas if implicit_mix == "lambda" else weights)
+        reference_row, pistar_rows, mix = _add_implicit_rows(
+            store, rows, mode, weights, pistar_merge, implicit_mix
+        )
     elif mode.startswith("explicit"):
-        if store.value_kind is None:
-            raise ValueError("this store has no explicit value models")
-        if store.value_kind == "arm":
-            value_rows, arm_rows, mix = arm_values(store, mode, weights, first_row=len(rows))
-        else:
-            value_rows, sources = _value_sources(store, mode, weights, first_row=len(rows))
-            values = tuple(sources)
-            mix = tuple(weights) if mode == "explicit-ensemble" else mix
-        rows += value_rows
+        values, mix, arm_rows = _add_explicit_rows(store, rows, mode, weights)
     terms = score_terms(
         logprob_rows(policy_rows, pistar_rows, reference_row, arm_rows),
         policy_rows,
