@@ -124,6 +124,52 @@ def write_manifest(root: Path, manifest: dict | StoreManifest) -> StoreManifest:
     return parsed
 
 
+def _random_backbones(base, root: Path, objectives, weights, target_sets, seed, std) -> list[dict]:
+    """One random backbone LoRA per objective; ranks and targets differ between backbones, so
+    the exact merge must cope with mismatched adapters."""
+    backbones = []
+    for i, objective in enumerate(objectives):
+        path = f"backbones/{objective}"
+        rank, targets = 2 + 2 * (i % 2), target_sets[i % 3]
+        write_random_lora(
+            base, root / path, rank=rank, targets=targets, seed=seed + 10 + i, std=std
+        )
+        backbones.append({"name": f"backbone-{objective}", "path": path, "weights": weights[i]})
+    return backbones
+
+
+def _random_value(
+    base, root: Path, objective: str, i: int, kind: str, head_kind: str, targets, seed, stds, dims
+) -> dict:
+    """The manifest entry of a random value model of `kind` (lora, arm or a full model) for
+    objective i, its files written under values/; `dims` is the base's (hidden, vocab)."""
+    (lora_std, head_std), (hidden, vocab) = stds, dims
+    spec = {"objective": objective, "kind": kind, "path": f"values/{objective}"}
+    if kind in ("lora", "arm"):
+        write_random_lora(
+            base, root / spec["path"], rank=2, targets=targets, seed=seed + 20 + i, std=lora_std
+        )
+    else:
+        torch.manual_seed(seed + 30 + i)
+        type(base)(base.config).save_pretrained(str(root / spec["path"]))
+    if kind == "arm":  # an autoregressive reward model: no head, V = beta log pi_r
+        spec["beta"] = 0.5 + 0.25 * i  # unequal betas, so a test sees each one
+        return spec
+    head = random_value_head(hidden, vocab, head_kind, seed + 40 + i, head_std)
+    spec["head"] = f"values/{objective}-head.safetensors"
+    write_value_head(head, root / spec["head"])
+    return spec
+
+
+def _random_specialist(base, root: Path, objective: str, i: int, n: int, seed, std) -> dict:
+    """A random Rewarded-Soup specialist for objective i (weights e_i)."""
+    path = f"specialists/{objective}"
+    targets = ("v_proj", "down_proj")
+    write_random_lora(base, root / path, rank=2, targets=targets, seed=seed + 50 + i, std=std)
+    weights = [float(i == j) for j in range(n)]
+    return {"name": f"specialist-{objective}", "path": path, "weights": weights}
+
+
 def build_random_store(
     root: Path,
     base_spec: dict,
@@ -163,66 +209,19 @@ def build_random_store(
     n = len(objectives)
     weights = circulant_backbone_weights(objectives, beta) if beta else torch.eye(n).tolist()
     target_sets = random_target_sets(base)
-    backbones = []
-    for i, objective in enumerate(objectives):
-        write_random_lora(
-            base,
-            root / f"backbones/{objective}",
-            rank=2 + 2 * (i % 2),
-            targets=target_sets[i % 3],
-            seed=seed + 10 + i,
-            std=lora_std,
-        )
-        backbones.append(
-            {
-                "name": f"backbone-{objective}",
-                "path": f"backbones/{objective}",
-                "weights": weights[i],
-            }
-        )
+    backbones = _random_backbones(base, root, objectives, weights, target_sets, seed, lora_std)
     config = AutoConfig.from_pretrained(str(base_path), local_files_only=True)
-    hidden, vocab = config.hidden_size, config.vocab_size
-    explicit = []
-    for i, objective in enumerate(objectives if value_kind else ()):
-        spec = {"objective": objective, "kind": value_kind, "path": f"values/{objective}"}
-        if value_kind in ("lora", "arm"):
-            write_random_lora(
-                base,
-                root / f"values/{objective}",
-                rank=2,
-                targets=target_sets[3],
-                seed=seed + 20 + i,
-                std=lora_std,
-            )
-        else:
-            torch.manual_seed(seed + 30 + i)
-            type(base)(base.config).save_pretrained(str(root / f"values/{objective}"))
-        if value_kind == "arm":  # an autoregressive reward model: no head, V = beta log pi_r
-            spec["beta"] = 0.5 + 0.25 * i  # unequal betas, so a test sees each one
-        else:
-            write_value_head(
-                random_value_head(hidden, vocab, head_kind, seed + 40 + i, head_std),
-                root / f"values/{objective}-head.safetensors",
-            )
-            spec["head"] = f"values/{objective}-head.safetensors"
-        explicit.append(spec)
-    specialists = []
-    for i, objective in enumerate(objectives if with_specialists else ()):
-        write_random_lora(
-            base,
-            root / f"specialists/{objective}",
-            rank=2,
-            targets=("v_proj", "down_proj"),
-            seed=seed + 50 + i,
-            std=lora_std,
+    dims, stds = (config.hidden_size, config.vocab_size), (lora_std, head_std)
+    explicit = [
+        _random_value(
+            base, root, objective, i, value_kind, head_kind, target_sets[3], seed, stds, dims
         )
-        specialists.append(
-            {
-                "name": f"specialist-{objective}",
-                "path": f"specialists/{objective}",
-                "weights": [float(i == j) for j in range(n)],
-            }
-        )
+        for i, objective in enumerate(objectives if value_kind else ())
+    ]
+    specialists = [
+        _random_specialist(base, root, objective, i, n, seed, lora_std)
+        for i, objective in enumerate(objectives if with_specialists else ())
+    ]
     write_manifest(
         root,
         {
