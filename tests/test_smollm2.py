@@ -109,17 +109,23 @@ def test_committed_demo_stores_are_complete_and_valid(
     assert set(manifest.defaults.gamma_by_mode) == GUIDED_MODES
 
 
-def test_the_demo_store_carries_its_trained_ric_and_modpo_adapters():
-    """Table 2's RiC and MODPO rows rerun from a clean clone: the answer store names its RiC
-    adapter (with the reward range its preference-to-reward map needs) and one MODPO adapter
-    per preference of the evaluation grid, each checksummed."""
+def test_the_demo_store_carries_its_trained_baselines():
+    """Table 2's RiC, MODPO and MORLHF rows rerun from a clean clone: the answer store names its
+    RiC adapter (with the reward range its preference-to-reward map needs), and one MODPO and
+    one MORLHF adapter per preference of the evaluation grid, each checksummed. MORLHF's ends
+    are the specialists (the same GRPO run), stored once."""
     manifest = check_store(DEMO / "store").manifest
-    ric, modpo = manifest.baselines.ric, manifest.baselines.modpo
+    baselines = manifest.baselines
+    ric = baselines.ric
     assert ric is not None and f"{ric.path}/adapter_model.safetensors" in manifest.checksums
     assert all(low < high for low, high in zip(ric.reward_low, ric.reward_high, strict=True))
     grid = [[1.0, 0.0], [0.8, 0.2], [0.6, 0.4], [0.4, 0.6], [0.2, 0.8], [0.0, 1.0]]
-    assert sorted(e.preference for e in modpo) == sorted(grid)
-    assert all(f"{e.path}/adapter_model.safetensors" in manifest.checksums for e in modpo)
+    for entries in (baselines.modpo, baselines.morlhf):
+        assert sorted(e.preference for e in entries) == sorted(grid)
+        assert all(f"{e.path}/adapter_model.safetensors" in manifest.checksums for e in entries)
+    specialists = {spec.path for spec in manifest.specialists}
+    ends = {e.path for e in baselines.morlhf if max(e.preference) == 1.0}
+    assert ends == specialists
 
 
 def test_make_serve_store3_steers_three_objectives():
